@@ -1,0 +1,104 @@
+"""Model configuration: a frozen, hashable dataclass validated on construction.
+
+Field names follow the Llama family so Hugging Face configs map one to one (``embed_dim`` = ``hidden_size``,
+``mlp_dim`` = ``intermediate_size``, ...). Experiments keep their settings in ml_collections configs
+(``configs/``); :meth:`ModelConfig.from_dict` turns the ``model`` section into this value and rejects unknown
+keys with the list of known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Mapping, Optional
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+def unknown_keys_error(section: str, unknown, known) -> ValueError:
+  """A ValueError naming each unknown key, the closest known key, and the full list."""
+  hints = []
+  for key in sorted(unknown):
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+  return ValueError(f"Unknown key(s) in {section}: {', '.join(hints)}. Known keys: {', '.join(sorted(known))}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
+
+  vocab_size: int = 259
+  embed_dim: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 32
+  mlp_dim: int = 384
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2 has biases on q/k/v projections.
+  dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  attention_impl: str = "xla"  # "xla" (dense reference), "pallas" (kernels), "auto" (pallas on TPU/GPU)
+  mask_token_id: Optional[int] = None  # the [MASK] id of diffusion models; never predicted
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    def positive(name):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"model.{name} must be a positive integer, got {v!r}.")
+    for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+      positive(name)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads} "
+                       "(grouped-query attention shares each kv head among num_heads/num_kv_heads query heads).")
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings.")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"model.{name}={getattr(self, name)!r} must be one of {sorted(DTYPES)}.")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"model.remat_policy={self.remat_policy!r} must be one of {REMAT_POLICIES}.")
+    if self.attention_impl not in ("xla", "pallas", "auto"):
+      raise ValueError(f"model.attention_impl={self.attention_impl!r} must be 'xla', 'pallas' or 'auto'.")
+    if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
+      raise ValueError(f"model.mask_token_id={self.mask_token_id} must lie in [0, vocab_size={self.vocab_size}).")
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise unknown_keys_error("the model config", unknown, known)
+    return cls(**dict(d))
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    attn = self.embed_dim * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    if self.qkv_bias:
+      attn += self.head_dim * (self.num_heads + 2 * self.num_kv_heads)
+    mlp = 3 * self.embed_dim * self.mlp_dim
+    per_layer = attn + mlp + 2 * self.embed_dim
+    embed = self.vocab_size * self.embed_dim * (1 if self.tie_embeddings else 2)
+    return self.num_layers * per_layer + embed + self.embed_dim

@@ -1,0 +1,242 @@
+"""The backbone: a Llama-style decoder in Flax Linen, shared by the AR, block-diffusion and TiDAR families.
+
+What makes one family differ from another is not the network but the **mask** it is called with
+(:mod:`ardiff.masks`) and the tokens/positions it is fed. So the decoder takes
+
+* ``tokens [batch, length]`` and explicit ``positions [batch, length]`` (the two halves of BD3's
+  ``[x_t ; x_0]`` share positions),
+* ``mask``: a static :class:`ardiff.masks.Mask`,
+* optional ``segment_ids [batch, length]`` (packed documents never attend across documents; 0 = padding),
+* optional ``cache`` (:class:`KVCache`): the forward then writes the new tokens' K/V at each row's
+  ``lengths`` and attends to the cache prefix plus themselves. ``lengths`` is *not* advanced: a denoising step
+  reuses the same slots; the caller commits with :meth:`KVCache.advance` (and rewinds by lowering lengths).
+
+Parameter names are Hugging Face Llama/Qwen2 names (``embed_tokens``, ``layers/self_attn/q_proj``, ``mlp/gate_proj``,
+``input_layernorm``, ``norm``, ``lm_head``) and RoPE uses HF's rotate-half convention, so checkpoints map one to one.
+Every parameter and activation carries logical axis names (``batch, length, embed, heads, kv_heads, head_dim,
+mlp, vocab, layers``); sharding is a rules table in the config (:mod:`ardiff.sharding`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ardiff import attention as attention_lib
+from ardiff import masks as masks_lib
+from ardiff.config import ModelConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Static-shape K/V cache. ``k``, ``v``: ``[layers, batch, max_len, kv_heads, head_dim]``; ``lengths``: ``[batch]``
+  = number of committed (clean) entries per row (ragged batches are exact: each row writes at its own length)."""
+
+  k: jax.Array
+  v: jax.Array
+  lengths: jax.Array
+
+  @classmethod
+  def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    dtype = dtype or config.compute_dtype
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+  def advance(self, n) -> "KVCache":
+    """Commit ``n`` (scalar or ``[batch]``) of the entries written by the last forward."""
+    return self.replace(lengths=self.lengths + jnp.asarray(n, jnp.int32))
+
+  def rewind_to(self, lengths) -> "KVCache":
+    """Set the committed lengths (e.g. drop rejected draft tokens); stale entries past them are never read."""
+    return self.replace(lengths=jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), self.lengths.shape))
+
+
+class ModelOutput(NamedTuple):
+  logits: jax.Array  # float32 [batch, length, vocab]
+  hidden: jax.Array  # [batch, length, embed], after the final norm
+  cache: Optional[KVCache]
+
+
+def _dense_init(config: ModelConfig, axes):
+  return nn.with_logical_partitioning(nn.initializers.normal(config.init_std), axes)
+
+
+def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, Hugging Face convention (rotate half: pairs are (i, i + d/2)), computed in float32."""
+  d = x_btnh.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  freqs = positions_bt.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  x = x_btnh.astype(jnp.float32)
+  rotated = jnp.concatenate([-x[..., d // 2:], x[..., :d // 2]], axis=-1)
+  return (x * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x_btnh.dtype)
+
+
+class RMSNorm(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                        (x.shape[-1],), self.config.weight_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+    return weight.astype(self.config.compute_dtype) * normed.astype(self.config.compute_dtype)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+  mask: masks_lib.Mask
+
+  @nn.compact
+  def __call__(self, x_btd, positions_bt, segment_ids_bt, cache_k, cache_v, cache_lengths):
+    cfg = self.config
+
+    def proj(name, heads, axes_heads):
+      return nn.DenseGeneral(features=(heads, cfg.head_dim), axis=-1, use_bias=cfg.qkv_bias, name=name,
+                             dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                             kernel_init=_dense_init(cfg, ("embed", axes_heads, "head_dim")),
+                             bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                    (axes_heads, "head_dim")))(x_btd)
+
+    q = proj("q_proj", cfg.num_heads, "heads")
+    k = proj("k_proj", cfg.num_kv_heads, "kv_heads")
+    v = proj("v_proj", cfg.num_kv_heads, "kv_heads")
+    q = apply_rope(q, positions_bt, cfg.rope_theta)
+    k = apply_rope(k, positions_bt, cfg.rope_theta)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+    k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+    v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+
+    new_kv = None
+    if cache_k is None:
+      out = attention_lib.attention(q, k, v, mask=self.mask, impl=cfg.attention_impl,
+                                    q_segment_ids=segment_ids_bt, kv_segment_ids=segment_ids_bt)
+    else:
+      if segment_ids_bt is not None:
+        raise ValueError("segment_ids are for packed training batches; a cached forward takes one sequence per "
+                         "row (ragged rows are handled by the cache's per-row lengths).")
+      write = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0)))
+      cache_k, cache_v = write(cache_k, k, cache_lengths), write(cache_v, v, cache_lengths)
+      new_kv = (cache_k, cache_v)
+      out = attention_lib.attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask=self.mask,
+                                    impl=cfg.attention_impl, q_offsets=cache_lengths,
+                                    kv_lengths=cache_lengths + x_btd.shape[1])
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+    o = nn.DenseGeneral(features=cfg.embed_dim, axis=(-2, -1), use_bias=False, name="o_proj",
+                        dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                        kernel_init=_dense_init(cfg, ("heads", "head_dim", "embed")))(out)
+    return o, new_kv
+
+
+class Mlp(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_btd):
+    cfg = self.config
+    dense = lambda feats, axes, name: nn.Dense(feats, use_bias=False, name=name, dtype=cfg.compute_dtype,
+                                               param_dtype=cfg.weight_dtype, kernel_init=_dense_init(cfg, axes))
+    gate = dense(cfg.mlp_dim, ("embed", "mlp"), "gate_proj")(x_btd)
+    up = dense(cfg.mlp_dim, ("embed", "mlp"), "up_proj")(x_btd)
+    h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return dense(cfg.embed_dim, ("mlp", "embed"), "down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+  config: ModelConfig
+  mask: masks_lib.Mask
+
+  @nn.compact
+  def __call__(self, x_btd, positions_bt, segment_ids_bt, cache_k, cache_v, cache_lengths):
+    attn_out, new_kv = Attention(self.config, self.mask, name="self_attn")(
+        RMSNorm(self.config, name="input_layernorm")(x_btd), positions_bt, segment_ids_bt, cache_k, cache_v,
+        cache_lengths)
+    h = x_btd + attn_out
+    h = h + Mlp(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(h))
+    h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+    return h, new_kv
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+  """``apply({'params': p}, tokens, mask=..., positions=..., segment_ids=..., cache=...) -> ModelOutput``."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_bl, *, mask: masks_lib.Mask, positions=None, segment_ids=None,
+               cache: Optional[KVCache] = None) -> ModelOutput:
+    cfg = self.config
+    if tokens_bl.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens_bl.shape}.")
+    if not isinstance(mask, masks_lib.Mask):
+      raise TypeError(f"mask must be an ardiff.masks.Mask, got {type(mask).__name__}.")
+    b, t = tokens_bl.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      if cache is not None:
+        positions = positions + cache.lengths[:, None]
+    if cache is not None and cache.k.shape[1] != b:
+      raise ValueError(f"cache batch {cache.k.shape[1]} != tokens batch {b}.")
+
+    embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, name="embed_tokens", dtype=cfg.compute_dtype,
+                     param_dtype=cfg.weight_dtype,
+                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                                 ("vocab", "embed")))
+    x = nn.with_logical_constraint(embed(tokens_bl), ("batch", "length", "embed"))
+
+    layer_cls = DecoderLayer
+    if cfg.remat_policy != "none":
+      layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    cache_k = cache.k if cache is not None else None
+    cache_v = cache.v if cache is not None else None
+    lengths = cache.lengths if cache is not None else None
+    if cfg.scan_layers:
+      cache_axis = 0 if cache is not None else nn.broadcast
+      stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, cache_axis, cache_axis, nn.broadcast),
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, new_kv = stack(cfg, mask, name="layers")(x, positions, segment_ids, cache_k, cache_v, lengths)
+    else:
+      new_k, new_v = [], []
+      for i in range(cfg.num_layers):
+        layer_cache = (cache_k[i], cache_v[i]) if cache is not None else (None, None)
+        x, kv = layer_cls(cfg, mask, name=f"layers_{i}")(x, positions, segment_ids, *layer_cache, lengths)
+        if kv is not None:
+          new_k.append(kv[0])
+          new_v.append(kv[1])
+      new_kv = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+
+    hidden = RMSNorm(cfg, name="norm")(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(hidden)
+    else:
+      logits = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head", dtype=cfg.compute_dtype,
+                        param_dtype=cfg.weight_dtype, kernel_init=_dense_init(cfg, ("embed", "vocab")))(hidden)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    new_cache = None
+    if cache is not None:
+      new_cache = cache.replace(k=new_kv[0], v=new_kv[1])
+    return ModelOutput(logits=logits, hidden=hidden, cache=new_cache)
+
+
+def init_params(config: ModelConfig, rng: jax.Array, *, batch: int = 1, length: int = 8):
+  """Unboxed parameters (plain arrays), for tests and single-device use; sharded init lives in ardiff.sharding."""
+  model = Transformer(config)
+  variables = model.init(rng, jnp.zeros((batch, length), jnp.int32), mask=masks_lib.Causal())
+  return nn.meta.unbox(variables["params"])

@@ -1,0 +1,147 @@
+"""Masked diffusion and block diffusion (BD3-LM), trained exactly over the 2L sequence ``[x_t ; x_0]``.
+
+One forward serves every block: the BD3 mask lets noisy block b see itself and the clean blocks < b, while the
+clean half is block-causal (the same keys a KV cache holds at inference). Both halves share positions; the
+logits come from the ``x_t`` half. ``block_size == seq_len`` is MDLM, computed with one bidirectional stream
+(there are no clean blocks to see); ``block_size == 1`` is AR.
+
+Noise is drawn separately from the loss (:func:`sample_noise_t`, :func:`sample_noise_count`) so tests can pin it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ardiff import masks
+from ardiff.model import Transformer
+from ardiff.objectives import base
+from ardiff.objectives import schedules
+
+
+class Noise(NamedTuple):
+  masked: jax.Array  # bool [b, l]: replaced by [MASK] in x_t
+  weight: jax.Array  # float32 [b, l]: weight on the CE of each masked token
+
+
+def maskable_tokens(b: base.Batch, cfg: base.ObjectiveConfig) -> jax.Array:
+  """Targets that may be noised: loss-mask tokens, minus document starts (BOS never masked; with token shift a
+  document's first token has no predecessor to predict it)."""
+  maskable = b.loss_mask
+  if cfg.ignore_bos or cfg.token_shift:
+    maskable = maskable & ~base.document_starts(b.segment_ids)
+  return maskable
+
+
+def sample_noise_t(rng, maskable, cfg: base.ObjectiveConfig, *, low=None, high=None):
+  """One t per block in ``[low, high]`` (default: the training clip), each maskable token masked w.p. p(t).
+
+  Returns the noise and the per-token masking probability ``p``.
+  """
+  bsz, length = maskable.shape
+  bs = cfg.block_size
+  low = cfg.clip_low if low is None else low
+  high = cfg.clip_high if high is None else high
+  rng_t, rng_m = jax.random.split(rng)
+  t = schedules.sample_block_t(rng_t, bsz, length // bs, low=low, high=high, antithetic=cfg.antithetic)
+  p = schedules.move_chance(jnp.repeat(t, bs, axis=1), cfg.weighting, cfg.noise_eps)
+  masked = maskable & (jax.random.uniform(rng_m, (bsz, length)) < p)
+  weight = schedules.loss_weight(jnp.maximum(p, 1e-6), cfg.weighting)
+  return Noise(masked, weight), p
+
+
+def sample_noise_count(rng, maskable, block_size: int) -> Noise:
+  """The exact-NELBO draw (see :mod:`schedules`): per block k ~ U{1..m} of its m maskable tokens, uniformly
+  placed, each weighted m/k."""
+  bsz, length = maskable.shape
+  nb = length // block_size
+  mk = maskable.reshape(bsz, nb, block_size)
+  m = jnp.sum(mk, axis=-1)
+  rng_k, rng_s = jax.random.split(rng)
+  k = jnp.minimum(jnp.floor(jax.random.uniform(rng_k, (bsz, nb)) * m).astype(jnp.int32) + 1, jnp.maximum(m, 1))
+  scores = jnp.where(mk, jax.random.uniform(rng_s, mk.shape), 2.0)
+  rank = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)
+  masked = mk & (rank < k[..., None])
+  weight = jnp.broadcast_to((m / k)[..., None], mk.shape).astype(jnp.float32)
+  return Noise(masked.reshape(bsz, length), weight.reshape(bsz, length))
+
+
+def diffusion_logits(params, b: base.Batch, masked, *, model: Transformer, cfg: base.ObjectiveConfig,
+                     force_two_stream: bool = False) -> jax.Array:
+  """``float32[b, l, vocab]``: the logits that predict each position's clean token from ``x_t``."""
+  mask_id = model.config.mask_token_id
+  if mask_id is None:
+    raise ValueError("Diffusion objectives need model.mask_token_id (the [MASK] token id).")
+  length = b.tokens.shape[1]
+  x_t = jnp.where(masked, mask_id, b.tokens)
+  if length == cfg.block_size and not cfg.token_shift and not force_two_stream:
+    return model.apply({"params": params}, x_t, mask=masks.Full(), positions=b.positions,
+                       segment_ids=b.segment_ids).logits  # MDLM: nothing clean to attend to
+  out = model.apply({"params": params}, jnp.concatenate([x_t, b.tokens], axis=1),
+                    mask=masks.BD3(length, cfg.block_size),
+                    positions=jnp.concatenate([b.positions, b.positions], axis=1),
+                    segment_ids=jnp.concatenate([b.segment_ids, b.segment_ids], axis=1))
+  logits_t = out.logits[:, :length]
+  if not cfg.token_shift:
+    return logits_t
+  # Token shift: row i-1 predicts token i. The first token of a block is predicted from the clean row before it,
+  # exactly what the sampler has at that point (the last logit of the cached clean forward).
+  shift = lambda x: jnp.pad(x[:, :-1], ((0, 0), (1, 0), (0, 0)))
+  block_start = (jnp.arange(length) % cfg.block_size == 0)[None, :, None]
+  return jnp.where(block_start, shift(out.logits[:, length:]), shift(logits_t))
+
+
+def nll_terms(params, b: base.Batch, noise: Noise, *, model: Transformer, cfg: base.ObjectiveConfig,
+              force_two_stream: bool = False):
+  """(weighted NLL sum, plain CE sum over masked tokens, number of masked tokens, per-token weighted NLL)."""
+  logits = diffusion_logits(params, b, noise.masked, model=model, cfg=cfg, force_two_stream=force_two_stream)
+  nll = base.gather_nll(base.log_probs(logits, model.config.mask_token_id), b.tokens)
+  weighted = jnp.where(noise.masked, noise.weight * nll, 0.0)
+  ce = jnp.where(noise.masked, nll, 0.0)
+  return jnp.sum(weighted), jnp.sum(ce), jnp.sum(noise.masked), weighted
+
+
+def block_diffusion_loss(params, batch, rng, *, model: Transformer, cfg: base.ObjectiveConfig):
+  b = base.prepare_batch(batch)
+  cfg.check_seq_len(b.tokens.shape[1])
+  maskable = maskable_tokens(b, cfg)
+  noise, p = sample_noise_t(rng, maskable, cfg)
+  n_maskable = jnp.sum(maskable)
+  if cfg.complementary_masks:
+    # Fast-dLLM v2: a second view masks exactly the complement, so every maskable token is supervised once.
+    comp = Noise(maskable & ~noise.masked, schedules.loss_weight(jnp.maximum(1.0 - p, 1e-6), cfg.weighting))
+    b = base.Batch(*(jnp.concatenate([x, x], axis=0) for x in b))
+    noise = Noise(*(jnp.concatenate([x, y], axis=0) for x, y in zip(noise, comp)))
+    n_maskable = 2 * n_maskable
+  w_sum, ce_sum, n_masked, _ = nll_terms(params, b, noise, model=model, cfg=cfg)
+  if cfg.weighting == "none":
+    loss = ce_sum / jnp.maximum(n_masked, 1)
+  else:
+    loss = w_sum / jnp.maximum(n_maskable, 1)
+  metrics = {"loss": loss, "masked_ce": ce_sum / jnp.maximum(n_masked, 1),
+             "mask_rate": n_masked / jnp.maximum(n_maskable, 1), "num_targets": n_maskable}
+  return loss, metrics
+
+
+def block_diffusion_eval(params, batch, rng, *, model: Transformer, cfg: base.ObjectiveConfig):
+  """Sums for the exact NELBO (count estimator over the full [0, 1] range; never the training clip)."""
+  b = base.prepare_batch(batch)
+  cfg.check_seq_len(b.tokens.shape[1])
+  maskable = maskable_tokens(b, cfg)
+  noise = sample_noise_count(rng, maskable, cfg.block_size)
+  w_sum, _, _, _ = nll_terms(params, b, noise, model=model, cfg=cfg)
+  return {"nelbo_sum": w_sum, "num_targets": jnp.sum(maskable)}
+
+
+def per_block_nelbo(params, batch, rng, *, model: Transformer, cfg: base.ObjectiveConfig, low: float,
+                    high: float) -> jax.Array:
+  """``[b, num_blocks]`` NELBO estimates with t ~ U[low, high] (1/t weights): the statistic BD3-LM's clipped
+  schedule search minimises the variance of (:func:`schedules.select_min_variance`)."""
+  b = base.prepare_batch(batch)
+  nelbo_cfg = cfg.__class__(**{**cfg.__dict__, "weighting": "nelbo"})
+  noise, _ = sample_noise_t(rng, maskable_tokens(b, cfg), nelbo_cfg, low=low, high=high)
+  _, _, _, weighted = nll_terms(params, b, noise, model=model, cfg=nelbo_cfg)
+  bsz, length = weighted.shape
+  return jnp.sum(weighted.reshape(bsz, length // cfg.block_size, cfg.block_size), axis=-1)

@@ -1,0 +1,22 @@
+"""Test setup: 8 fake CPU devices and the CPU backend, fixed before jax is imported anywhere."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# libtpu is installed for AOT TPU compiles; without this jax would try to open a TPU at start-up.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+import sys  # noqa: E402
+
+from absl import flags  # noqa: E402
+
+# grain worker processes read absl flags; parse them once (jax_stack.md pitfall 5).
+if not flags.FLAGS.is_parsed():
+  flags.FLAGS(sys.argv[:1])
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
