@@ -92,6 +92,28 @@ class RMSNorm(nn.Module):
     return weight.astype(self.config.compute_dtype) * normed.astype(self.config.compute_dtype)
 
 
+class Projection(nn.Module):
+  """A multi-axis linear map whose kernel is created in its full shape, so its logical axis names apply as they
+  are (``nn.DenseGeneral`` initialises a flattened 2-D kernel, which breaks 3-axis annotations under a mesh)."""
+
+  config: ModelConfig
+  shape: tuple
+  axes: tuple
+  equation: str
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    kernel = self.param("kernel", _dense_init(cfg, self.axes), self.shape, cfg.weight_dtype)
+    y = jnp.einsum(self.equation, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]), self.shape[1:],
+                        cfg.weight_dtype)
+      y = y + bias.astype(cfg.compute_dtype)
+    return y
+
+
 class Attention(nn.Module):
   config: ModelConfig
   mask: masks_lib.Mask
@@ -100,16 +122,12 @@ class Attention(nn.Module):
   def __call__(self, x_btd, positions_bt, segment_ids_bt, cache_k, cache_v, cache_lengths):
     cfg = self.config
 
-    def proj(name, heads, axes_heads):
-      return nn.DenseGeneral(features=(heads, cfg.head_dim), axis=-1, use_bias=cfg.qkv_bias, name=name,
-                             dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                             kernel_init=_dense_init(cfg, ("embed", axes_heads, "head_dim")),
-                             bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                    (axes_heads, "head_dim")))(x_btd)
-
-    q = proj("q_proj", cfg.num_heads, "heads")
-    k = proj("k_proj", cfg.num_kv_heads, "kv_heads")
-    v = proj("v_proj", cfg.num_kv_heads, "kv_heads")
+    q = Projection(cfg, (cfg.embed_dim, cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
+                   "btd,dnh->btnh", use_bias=cfg.qkv_bias, name="q_proj")(x_btd)
+    k = Projection(cfg, (cfg.embed_dim, cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
+                   "btd,dnh->btnh", use_bias=cfg.qkv_bias, name="k_proj")(x_btd)
+    v = Projection(cfg, (cfg.embed_dim, cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
+                   "btd,dnh->btnh", use_bias=cfg.qkv_bias, name="v_proj")(x_btd)
     q = apply_rope(q, positions_bt, cfg.rope_theta)
     k = apply_rope(k, positions_bt, cfg.rope_theta)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
@@ -131,9 +149,8 @@ class Attention(nn.Module):
                                     impl=cfg.attention_impl, q_offsets=cache_lengths,
                                     kv_lengths=cache_lengths + x_btd.shape[1])
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-    o = nn.DenseGeneral(features=cfg.embed_dim, axis=(-2, -1), use_bias=False, name="o_proj",
-                        dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                        kernel_init=_dense_init(cfg, ("heads", "head_dim", "embed")))(out)
+    o = Projection(cfg, (cfg.num_heads, cfg.head_dim, cfg.embed_dim), ("heads", "head_dim", "embed"),
+                   "btnh,nhd->btd", name="o_proj")(out)
     return o, new_kv
 
 

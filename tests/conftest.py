@@ -8,6 +8,8 @@ if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 # libtpu is installed for AOT TPU compiles; without this jax would try to open a TPU at start-up.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+# TPU AOT-compile tests run in parallel workers; they only compile, so libtpu's single-process lock is not needed.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import sys  # noqa: E402
 

@@ -1,0 +1,75 @@
+"""Logit processing shared by the samplers: [MASK] removal, temperature, top-k, top-p, greedy, float32 Gumbel.
+
+All functions are pure and jit-safe; ``top_k``/``greedy`` are static Python values, ``temperature``/``top_p`` may be
+traced scalars. Gumbel noise is drawn in float32 log space (``-log(-log u)``, ``u`` clipped away from 0 and 1); see
+anchors §4 "Common" (LLaDA uses float64, which TPUs lack).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite "minus infinity": keeps softmax/entropy free of NaNs when whole rows are masked out
+
+
+def remove_mask_logit(logits: jax.Array, mask_token_id: Optional[int]) -> jax.Array:
+  logits = logits.astype(jnp.float32)
+  if mask_token_id is not None:
+    logits = logits.at[..., mask_token_id].set(NEG_INF)
+  return logits
+
+
+def top_k_filter(logits: jax.Array, top_k: int) -> jax.Array:
+  """Keep the ``top_k`` largest logits (static int; 0 disables)."""
+  if not top_k or top_k >= logits.shape[-1]:
+    return logits
+  kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+  return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def top_p_filter(logits: jax.Array, top_p) -> jax.Array:
+  """Nucleus filter: keep the smallest prefix (by probability) whose mass reaches ``top_p``; top-1 always kept."""
+  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  cum_before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each sorted entry
+  keep_sorted = cum_before < top_p
+  keep_sorted = keep_sorted.at[..., 0].set(True)
+  cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < cutoff, NEG_INF, logits)
+
+
+def process_logits(logits: jax.Array, *, mask_token_id: Optional[int] = None, temperature=1.0, top_k: int = 0,
+                   top_p=1.0) -> jax.Array:
+  """float32 logits with [MASK] removed, scaled by 1/temperature, then top-k and top-p filtered."""
+  logits = remove_mask_logit(logits, mask_token_id)
+  logits = logits / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
+  logits = top_k_filter(logits, top_k)
+  if not (isinstance(top_p, (int, float)) and top_p >= 1.0):
+    logits = top_p_filter(logits, top_p)
+  return logits
+
+
+def gumbel(rng: jax.Array, shape) -> jax.Array:
+  """float32 Gumbel(0, 1) noise, ``u`` clipped to (tiny, 1 - eps)."""
+  u = jax.random.uniform(rng, shape, jnp.float32)
+  u = jnp.clip(u, jnp.finfo(jnp.float32).tiny, 1.0 - jnp.finfo(jnp.float32).eps)
+  return -jnp.log(-jnp.log(u))
+
+
+def sample_from_logits(rng: jax.Array, logits: jax.Array, *, greedy: bool) -> jax.Array:
+  """Gumbel-max sample (or argmax when ``greedy``) of already-processed logits; int32 ``[...]``."""
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jnp.argmax(logits + gumbel(rng, logits.shape), axis=-1).astype(jnp.int32)
+
+
+def sample_tokens(rng, logits, *, mask_token_id=None, temperature=1.0, top_k=0, top_p=1.0, greedy=False):
+  """Process raw logits and sample; ``greedy`` or a static ``temperature == 0`` gives argmax."""
+  if isinstance(temperature, (int, float)) and temperature == 0:
+    greedy = True
+  processed = process_logits(logits, mask_token_id=mask_token_id, temperature=1.0 if greedy else temperature,
+                             top_k=top_k, top_p=top_p)
+  return sample_from_logits(rng, processed, greedy=greedy), processed

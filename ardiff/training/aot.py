@@ -1,0 +1,127 @@
+"""``python -m ardiff compile --config ... --topology v5e:16x16``: compile the sharded train step for a TPU slice
+that is not there (real TPU compiler via libtpu, on any CPU machine) and check it fits in each chip's HBM.
+
+So a pod job is known to compile and fit before anyone pays for it. Needs ``pip install "jax[tpu]==0.10.2"``
+(libtpu; installs on a CPU-only machine; part of requirements-dev.txt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+
+from ardiff import experiment as experiment_lib
+from ardiff import objectives, sharding
+from ardiff.model import Transformer
+from ardiff.training import optimizer as optimizer_lib
+from ardiff.training import train_state as train_state_lib
+
+GIB = 1024 ** 3
+HBM_BYTES = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
+
+
+class DoesNotFitError(RuntimeError):
+  pass
+
+
+def tpu_devices(topology: str):
+  """The devices of a TPU slice described by name, e.g. ``v5e:2x2``, ``v5p:8x8x8``."""
+  # We only compile, never run: let several processes (test workers, a second compile) load libtpu at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+  except Exception as e:  # noqa: BLE001 - libtpu missing or a bad name: say which and how to fix
+    raise RuntimeError(f"cannot describe TPU topology {topology!r} ({type(e).__name__}: {e}). Install the TPU "
+                       "compiler with `pip install \"jax[tpu]==0.10.2\"` and use a name such as v5e:2x2, "
+                       "v6e:16x16, v5p:8x8x8 or v4:4x4x4.") from e
+
+
+def hbm_per_chip(topology: str) -> int:
+  generation = re.match(r"(v\d+[a-z]?)", topology)
+  if not generation or generation.group(1) not in HBM_BYTES:
+    raise ValueError(f"unknown TPU generation in {topology!r}; known: {sorted(HBM_BYTES)}.")
+  return HBM_BYTES[generation.group(1)]
+
+
+def compile_train_step(config, topology: str) -> dict:
+  """AOT-compiles the sharded train step; returns per-chip memory figures. Raises DoesNotFitError."""
+  devices = tpu_devices(topology)
+  exp = experiment_lib.validate(config, devices=devices)
+  model_cfg = exp.model
+  if model_cfg.attention_impl == "pallas":
+    raise NotImplementedError("AOT compile of attention_impl='pallas' inside the sharded train step needs the "
+                              "kernels wrapped in shard_map, which the model does not do yet; use 'xla' or 'auto'.")
+  notes = []
+  if model_cfg.attention_impl == "auto":
+    # 'auto' picks kernels from the *running* backend (CPU here), so say plainly what was compiled.
+    model_cfg = dataclasses.replace(model_cfg, attention_impl="xla")
+    notes.append("attention_impl='auto' compiled with the XLA attention path (kernels are chosen on the TPU host).")
+  mesh = sharding.make_mesh(**{a: int(exp.mesh[a]) for a in sharding.MESH_AXES}, devices=devices)
+  model = Transformer(model_cfg)
+  tx, lr_schedule = optimizer_lib.make_optimizer(
+      optimizer_lib.OptimizerConfig.from_dict({**{k: v for k, v in exp.optimizer.items() if k != "ema_decay"},
+                                               "total_steps": int(exp.train["num_steps"])}))
+  ema = float(exp.optimizer["ema_decay"]) > 0
+  abstract_params, param_sh = sharding.abstract_params_and_shardings(model, mesh, exp.rules)
+  abstract_state = jax.eval_shape(
+      lambda p: train_state_lib.TrainState.create(p, tx, jax.random.key(0), use_ema=ema), abstract_params)
+  state_sh = train_state_lib.state_shardings(abstract_state, param_sh, mesh)
+  step = train_state_lib.make_train_step(objectives.make_loss_fn(model, exp.objective), tx,
+                                         ema_decay=float(exp.optimizer["ema_decay"]) if ema else None,
+                                         lr_schedule=lr_schedule)
+  batch_sh = sharding.batch_sharding(mesh)
+  micro = exp.train["batch_size"] // int(exp.optimizer["grad_accum_steps"])
+  batch = {k: jax.ShapeDtypeStruct((micro, exp.data["seq_len"]), jnp.int32, sharding=batch_sh)
+           for k in ("tokens", "segment_ids", "positions", "loss_mask")}
+  with sharding.activation_sharding(mesh, exp.rules):
+    lowered = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                      donate_argnums=0).lower(sharding.with_shardings(abstract_state, state_sh), batch)
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001
+    if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
+      raise DoesNotFitError(f"{exp.name} does not fit on {topology}: the TPU compiler ran out of memory "
+                            f"({str(e)[:400]}). Shard more (mesh.fsdp/tensor), lower train.batch_size, raise "
+                            "optimizer.grad_accum_steps, or enable model.remat_policy.") from e
+    raise
+  mem = compiled.memory_analysis()
+  used = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+  hbm = hbm_per_chip(topology)
+  result = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape),
+            "params": model_cfg.num_params(), "arguments_gib": mem.argument_size_in_bytes / GIB,
+            "temp_gib": mem.temp_size_in_bytes / GIB, "per_chip_gib": used / GIB, "hbm_gib": hbm / GIB,
+            "fits": used <= hbm, "notes": notes}
+  if used > hbm:
+    raise DoesNotFitError(f"{exp.name} needs {used / GIB:.2f} GiB per chip on {topology} but a chip has "
+                          f"{hbm / GIB:.0f} GiB HBM. Shard more (mesh.fsdp/tensor), lower train.batch_size, raise "
+                          "optimizer.grad_accum_steps, or enable model.remat_policy.")
+  return result
+
+
+def main(argv) -> int:
+  from absl import flags
+  from ml_collections import config_flags
+
+  from ardiff.training.main import DEFAULT_CONFIG
+
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment config file", flag_values=fv,
+                                  lock_config=True)
+  flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, e.g. v5e:16x16, v6e:2x2, v5p:8x8x8", flag_values=fv)
+  fv(argv)
+  try:
+    r = compile_train_step(fv.config, fv.topology)
+  except DoesNotFitError as e:
+    print(f"DOES NOT FIT: {e}")
+    return 1
+  print(f"{r['topology']}: {r['chips']} chips, mesh {r['mesh']}, {r['params'] / 1e6:.1f}M params")
+  print(f"per chip: {r['per_chip_gib']:.2f} GiB of {r['hbm_gib']:.0f} GiB HBM "
+        f"(arguments {r['arguments_gib']:.2f} GiB, temporaries {r['temp_gib']:.2f} GiB) -> fits")
+  for note in r["notes"]:
+    print("note:", note)
+  return 0

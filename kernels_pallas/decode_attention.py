@@ -1,0 +1,526 @@
+"""Decode attention against a static-shape KV cache, and the in-place cache write.
+
+The cached forward of the model (``ardiff.attention``) works on a per-layer cache
+
+* ``k_cache, v_cache: [batch, max_len, kv_heads, head_dim]`` and ``lengths: int32[batch]`` (clean entries per row);
+* a forward of ``T`` new tokens first writes their K/V rows at ``[lengths[b], lengths[b] + T)`` (:func:`write_kv`),
+  then attends ``q: [batch, T, heads, head_dim]`` to the cache (:func:`decode_attention`) with query ``i`` of row
+  ``b`` at absolute index ``q_offsets[b] + i`` and key ``j`` allowed iff
+  ``mask.predicate(q_offsets[b] + i, j) & (j < kv_lengths[b])``.
+
+Both have pure-JAX references beside them (:func:`decode_attention_reference`, :func:`write_kv_reference`); the
+attention reference is exactly :func:`ardiff.attention.reference_attention`.
+
+Kernels
+-------
+``backend="tpu"`` (Mosaic): grid ``(batch, kv_tiles)``; ``q_offsets``/``kv_lengths`` are scalar-prefetch operands.
+The cache is viewed as ``[batch, max_len, kv_heads * head_dim]`` (a free reshape) so a K/V tile is one dense
+``(block_kv, kv_heads * head_dim)`` VMEM block; all kv heads of a row are processed in one grid step, each with its
+``T * groups`` query rows (GQA: the queries of one kv head form one matrix). The K/V index maps clamp the tile index
+to the row's last needed tile, so grid steps past ``kv_lengths[b]`` revisit the same block and issue no DMA, and
+``pl.when`` skips their compute. Online softmax in float32 scratch.
+
+``backend="gpu"`` (Pallas Triton): grid ``(batch, kv_heads)``; each program loops ``lax.fori_loop`` over exactly
+``cdiv(kv_lengths[b], block_kv)`` tiles, loading each with ``pl.ds`` (nothing past the valid prefix is read).
+Triton needs power-of-two tiles: ``block_kv`` and ``head_dim`` powers of two, query rows padded to >= 16.
+
+The mask predicate is evaluated elementwise in the kernel from iotas when it is pure integer arithmetic (Causal,
+BlockCausal, Full, BD3, ... and their ``&``/``|``). A predicate that needs a table (``masks.Explicit``, e.g. a
+TiDAR decode mask) cannot be evaluated inside a kernel (no gathers, no captured arrays); for those the allowed
+entries of the ``T`` query rows are computed by XLA into an ``int32[batch, rows, max_len]`` operand that the kernel
+reads tile by tile (same clamped index map: only the valid prefix is read).
+
+``interpret``: ``False`` compiles for the backend; ``True`` runs the same kernel in an interpreter on any host
+(TPU backend: ``pltpu.InterpretParams()``, which simulates VMEM/SMEM and DMAs; GPU backend: generic Pallas
+interpret). A ``pltpu.InterpretParams`` instance may be passed for the TPU backend.
+
+Forward only: decode is never differentiated.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from ardiff import attention as attention_lib
+from ardiff import masks as masks_lib
+
+NEG_INF = -1e30  # finite: a fully masked row never produces inf - inf
+BACKENDS = ("tpu", "gpu")
+_TPU_BLOCK_KV_CANDIDATES = (512, 256, 128)
+_GPU_BLOCK_KV_CANDIDATES = (128, 64, 32, 16)
+_GPU_MIN_ROWS = 16  # tl.dot needs M >= 16
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Helpers shared by both kernels.
+
+
+def resolve_backend(backend: Optional[str], interpret) -> str:
+  """``backend`` if given, else ``jax.default_backend()`` (which must then be TPU or GPU)."""
+  if backend is None:
+    backend = jax.default_backend()
+    if backend == "cpu":
+      raise ValueError(
+          "Pallas decode kernels run on TPU or GPU; on CPU pass backend='tpu' or backend='gpu' together with "
+          "interpret=True to run that kernel in an interpreter (tests do this).")
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS} (or None for jax.default_backend()), got {backend!r}.")
+  # An explicit backend is trusted without interpret: that is how AOT compiles for a TPU topology from a CPU host
+  # work. Running it eagerly on the wrong host fails in pallas_call ("Only interpret mode is supported ...").
+  return backend
+
+
+def _interpret_arg(backend: str, interpret):
+  if not interpret:
+    return False
+  if backend == "tpu":
+    return interpret if isinstance(interpret, pltpu.InterpretParams) else pltpu.InterpretParams()
+  if isinstance(interpret, pltpu.InterpretParams):
+    raise ValueError("pltpu.InterpretParams is for backend='tpu'; use interpret=True for backend='gpu'.")
+  return True
+
+
+def _is_pow2(x: int) -> bool:
+  return x > 0 and (x & (x - 1)) == 0
+
+
+@functools.lru_cache(maxsize=256)
+def _predicate_in_kernel(mask: masks_lib.Mask) -> bool:
+  """Whether ``mask.predicate`` is pure elementwise integer arithmetic (no captured tables, no gathers)."""
+  try:
+    closed = jax.make_jaxpr(mask.predicate)(jax.ShapeDtypeStruct((8, 1), jnp.int32),
+                                            jax.ShapeDtypeStruct((1, 128), jnp.int32))
+  except Exception:  # noqa: BLE001 - anything jnp cannot trace abstractly goes through the XLA-computed table
+    return False
+
+  def plain(closed_jaxpr) -> bool:
+    if closed_jaxpr.consts:
+      return False
+    for eqn in closed_jaxpr.jaxpr.eqns:
+      if eqn.primitive.name in ("gather", "dynamic_slice"):
+        return False
+      for v in eqn.params.values():  # nested calls (pjit, custom_jvp, ...) carry ClosedJaxprs
+        if isinstance(v, jax.extend.core.ClosedJaxpr) and not plain(v):
+          return False
+    return True
+
+  return plain(closed)
+
+
+def _check_inputs(q, k_cache, v_cache, q_offsets, kv_lengths):
+  if q.ndim != 4:
+    raise ValueError(f"q must be [batch, T, heads, head_dim], got shape {q.shape}.")
+  if k_cache.ndim != 4 or v_cache.ndim != 4:
+    raise ValueError(f"k_cache and v_cache must be [batch, max_len, kv_heads, head_dim], got {k_cache.shape} and "
+                     f"{v_cache.shape}.")
+  if k_cache.shape != v_cache.shape:
+    raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must have the same shape.")
+  if k_cache.dtype != v_cache.dtype:
+    raise ValueError(f"k_cache and v_cache must have the same dtype, got {k_cache.dtype} and {v_cache.dtype}.")
+  b, t, h, d = q.shape
+  cb, s, kvh, cd = k_cache.shape
+  if cb != b:
+    raise ValueError(f"q batch {b} != cache batch {cb}.")
+  if cd != d:
+    raise ValueError(f"q head_dim {d} != cache head_dim {cd}.")
+  if h % kvh:
+    raise ValueError(f"kv_heads={kvh} must divide heads={h} (grouped-query attention).")
+  if t < 1:
+    raise ValueError(f"q must hold at least one query token, got T={t}.")
+  if t > s:
+    raise ValueError(f"T={t} new tokens exceed the cache max_len={s}.")
+  for name, arr in (("q_offsets", q_offsets), ("kv_lengths", kv_lengths)):
+    shape = np.shape(arr)
+    if shape != (b,):
+      raise ValueError(f"{name} must have shape (batch,) = ({b},), got {shape}.")
+    if not jnp.issubdtype(jnp.result_type(arr), jnp.integer):
+      raise ValueError(f"{name} must be an integer array, got dtype {jnp.result_type(arr)}.")
+
+
+def _default_block_kv(backend: str, s: int) -> int:
+  cands = _TPU_BLOCK_KV_CANDIDATES if backend == "tpu" else _GPU_BLOCK_KV_CANDIDATES
+  for c in cands:
+    if s % c == 0:
+      return c
+  if backend == "tpu" and s <= 2048:
+    return s  # one tile equal to the full dimension is always a legal TPU block
+  raise ValueError(f"max_len={s} is not a multiple of any of {cands}; pass block_kv= dividing it (pad the cache "
+                   f"to a multiple of 128 for the TPU kernel, of 16 for the GPU kernel).")
+
+
+def _check_block_kv(backend: str, s: int, bk: int, table: bool, d: int):
+  if not isinstance(bk, (int, np.integer)) or bk < 1:
+    raise ValueError(f"block_kv must be a positive integer, got {bk!r}.")
+  if s % bk:
+    raise ValueError(f"block_kv={bk} must divide the cache max_len={s}.")
+  if backend == "tpu":
+    if bk != s and bk % 8:
+      raise ValueError(f"TPU: block_kv={bk} must be a multiple of 8 (sublane tiling) or equal max_len={s}.")
+    if table and bk != s and bk % 128:
+      raise ValueError(f"TPU: with a table mask (e.g. masks.Explicit) block_kv={bk} must be a multiple of 128 "
+                       f"(lane tiling of the mask tile) or equal max_len={s}.")
+  else:
+    if not _is_pow2(bk) or bk < 16:
+      raise ValueError(f"GPU (Triton): block_kv={bk} must be a power of two >= 16.")
+    if not _is_pow2(d):
+      raise ValueError(f"GPU (Triton): head_dim={d} must be a power of two.")
+
+
+def _mask_table(mask, q_offsets, t: int, g: int, s: int, rows: int):
+  """``int32[b, rows, s]``: allowed entries of query row ``r = i * g + gi`` (rows past ``t*g`` are 0)."""
+  q_abs = q_offsets[:, None, None] + jnp.arange(t, dtype=jnp.int32)[None, :, None]
+  k_abs = jnp.arange(s, dtype=jnp.int32)[None, None, :]
+  allowed = jnp.broadcast_to(mask.predicate(q_abs, k_abs), (q_offsets.shape[0], t, s))
+  allowed = jnp.repeat(allowed.astype(jnp.int32), g, axis=1)
+  if rows > t * g:
+    allowed = jnp.pad(allowed, ((0, 0), (0, rows - t * g), (0, 0)))
+  return allowed
+
+
+def _tile_update(s, allowed, v, m_prev, l_prev, acc_prev):
+  """One online-softmax step. ``s``: f32 [R, bk] logits; returns the new (m, l, acc)."""
+  s = jnp.where(allowed, s, NEG_INF)
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+  p = jnp.where(allowed, jnp.exp(s - m_new), 0.0)
+  alpha = jnp.exp(m_prev - m_new)
+  l_new = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
+  pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return m_new, l_new, alpha * acc_prev + pv
+
+
+def _logits(q, k, sm_scale, logit_soft_cap):
+  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * sm_scale
+  if logit_soft_cap is not None:
+    s = logit_soft_cap * jnp.tanh(s / logit_soft_cap)
+  return s
+
+
+def _query_index(q_off, rows: int, cols: int, g: int):
+  r = jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
+  if g > 1:
+    r = r // g
+  return q_off + r
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# TPU (Mosaic) kernel.
+
+
+def _tpu_kernel(qoff_ref, kvlen_ref, q_ref, k_ref, v_ref, *rest, kvh, d, g, bk, sm_scale, logit_soft_cap, mask,
+                table):
+  if table:
+    tbl_ref, o_ref, m_sc, l_sc, acc_sc = rest
+  else:
+    o_ref, m_sc, l_sc, acc_sc = rest
+  bi, j = pl.program_id(0), pl.program_id(1)
+  nk = pl.num_programs(1)
+  kv_len = kvlen_ref[bi]
+  rows = q_ref.shape[1]
+
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, NEG_INF, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  @pl.when(j * bk < kv_len)
+  def _compute():
+    k_abs = j * bk + jax.lax.broadcasted_iota(jnp.int32, (rows, bk), 1)
+    allowed = k_abs < kv_len
+    if table:
+      allowed = allowed & (tbl_ref[...] != 0)
+    else:
+      allowed = allowed & mask.predicate(_query_index(qoff_ref[bi], rows, bk, g), k_abs)
+    for h in range(kvh):  # static: all kv heads of this row share the tile's DMA
+      k = k_ref[:, h, :]
+      v = v_ref[:, h, :]
+      s = _logits(q_ref[h], k, sm_scale, logit_soft_cap)
+      m, l, acc = _tile_update(s, allowed, v, m_sc[h], l_sc[h], acc_sc[h])
+      m_sc[h], l_sc[h], acc_sc[h] = m, l, acc
+
+  @pl.when(j == nk - 1)
+  def _finalize():
+    l = l_sc[...]
+    o_ref[...] = (acc_sc[...] / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
+
+
+def _decode_tpu(qg, k_cache, v_cache, q_offsets, kv_lengths, tbl, *, g, bk, sm_scale, logit_soft_cap, mask,
+                interpret):
+  b, kvh, rows, d = qg.shape
+  s = k_cache.shape[1]
+  nk = s // bk
+
+  def kv_map(bi, j, qoff, kvlen):
+    last = jnp.maximum(pl.cdiv(kvlen[bi], bk) - 1, 0)
+    return bi, jnp.minimum(j, last), 0, 0
+
+  def tbl_map(bi, j, qoff, kvlen):
+    last = jnp.maximum(pl.cdiv(kvlen[bi], bk) - 1, 0)
+    return bi, 0, jnp.minimum(j, last)
+
+  in_specs = [pl.BlockSpec((None, kvh, rows, d), lambda bi, j, *_: (bi, 0, 0, 0)),
+              pl.BlockSpec((None, bk, kvh, d), kv_map),
+              pl.BlockSpec((None, bk, kvh, d), kv_map)]
+  if not interpret:
+    # Keep the cache in HBM: otherwise XLA's memory-space assignment may prefetch a (small) cache whole into VMEM
+    # ahead of the call, reading every tile we mean to skip (seen in compiled HLO when a table mask is computed).
+    k_cache = pltpu.with_memory_space_constraint(k_cache, pltpu.HBM)
+    v_cache = pltpu.with_memory_space_constraint(v_cache, pltpu.HBM)
+  operands = [qg, k_cache, v_cache]
+  if tbl is not None:
+    in_specs.append(pl.BlockSpec((None, rows, bk), tbl_map))
+    operands.append(tbl)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2, grid=(b, nk), in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, kvh, rows, d), lambda bi, j, *_: (bi, 0, 0, 0)),
+      scratch_shapes=[pltpu.VMEM((kvh, rows, 1), jnp.float32), pltpu.VMEM((kvh, rows, 1), jnp.float32),
+                      pltpu.VMEM((kvh, rows, d), jnp.float32)])
+  itemsize = jnp.dtype(k_cache.dtype).itemsize
+  kernel = functools.partial(_tpu_kernel, kvh=kvh, d=d, g=g, bk=bk, sm_scale=sm_scale,
+                             logit_soft_cap=logit_soft_cap, mask=mask, table=tbl is not None)
+  return pl.pallas_call(
+      kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(qg.shape, qg.dtype),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      cost_estimate=pl.CostEstimate(flops=4 * b * kvh * rows * s * d, transcendentals=b * kvh * rows * s,
+                                    bytes_accessed=2 * b * s * kvh * d * itemsize + 2 * qg.size * qg.dtype.itemsize),
+      interpret=interpret, name=f"decode_attention_tpu_bk{bk}",
+  )(q_offsets, kv_lengths, *operands)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GPU (Triton) kernel.
+
+
+def _gpu_kernel(sc_ref, q_ref, k_ref, v_ref, *rest, g, bk, sm_scale, logit_soft_cap, mask, table):
+  if table:
+    tbl_ref, o_ref = rest
+  else:
+    (o_ref,) = rest
+  q_off, kv_len = sc_ref[0], sc_ref[1]
+  rows, d = q_ref.shape
+  q = q_ref[...]
+  q_abs = None if table else _query_index(q_off, rows, bk, g)
+
+  def body(t, carry):
+    m, l, acc = carry
+    start = pl.multiple_of(t * bk, bk)
+    k = k_ref[pl.ds(start, bk), :]
+    v = v_ref[pl.ds(start, bk), :]
+    k_abs = start + jax.lax.broadcasted_iota(jnp.int32, (rows, bk), 1)
+    allowed = k_abs < kv_len
+    if table:
+      allowed = allowed & (tbl_ref[:, pl.ds(start, bk)] != 0)
+    else:
+      allowed = allowed & mask.predicate(q_abs, k_abs)
+    return _tile_update(_logits(q, k, sm_scale, logit_soft_cap), allowed, v, m, l, acc)
+
+  init = (jnp.full((rows, 1), NEG_INF, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+          jnp.zeros((rows, d), jnp.float32))
+  _, l, acc = jax.lax.fori_loop(0, pl.cdiv(kv_len, bk), body, init)  # only the row's valid tiles
+  o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
+
+
+def _decode_gpu(qg, k_cache, v_cache, q_offsets, kv_lengths, tbl, *, g, bk, sm_scale, logit_soft_cap, mask,
+                interpret):
+  b, kvh, rows, d = qg.shape
+  s = k_cache.shape[1]
+  scalars = jnp.stack([q_offsets, kv_lengths], axis=1)  # [b, 2]: per-row q offset and kv length
+  in_specs = [pl.BlockSpec((None, 2), lambda bi, h: (bi, 0)),
+              pl.BlockSpec((None, None, rows, d), lambda bi, h: (bi, h, 0, 0)),
+              pl.BlockSpec((None, s, None, d), lambda bi, h: (bi, 0, h, 0)),
+              pl.BlockSpec((None, s, None, d), lambda bi, h: (bi, 0, h, 0))]
+  operands = [scalars, qg, k_cache, v_cache]
+  if tbl is not None:
+    in_specs.append(pl.BlockSpec((None, rows, s), lambda bi, h: (bi, 0, 0)))
+    operands.append(tbl)
+  kernel = functools.partial(_gpu_kernel, g=g, bk=bk, sm_scale=sm_scale, logit_soft_cap=logit_soft_cap,
+                             mask=mask, table=tbl is not None)
+  itemsize = jnp.dtype(k_cache.dtype).itemsize
+  return pl.pallas_call(
+      kernel, grid=(b, kvh), in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, None, rows, d), lambda bi, h: (bi, h, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct(qg.shape, qg.dtype),
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),  # Triton, not the Mosaic GPU default
+      cost_estimate=pl.CostEstimate(flops=4 * b * kvh * rows * s * d, transcendentals=b * kvh * rows * s,
+                                    bytes_accessed=2 * b * s * kvh * d * itemsize + 2 * qg.size * qg.dtype.itemsize),
+      interpret=interpret, name=f"decode_attention_gpu_bk{bk}",
+  )(*operands)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def decode_attention(q, k_cache, v_cache, *, q_offsets, kv_lengths, mask: masks_lib.Mask,
+                     sm_scale: Optional[float] = None, logit_soft_cap: Optional[float] = None,
+                     block_kv: Optional[int] = None, backend: Optional[str] = None, interpret=False):
+  """Attention of ``T`` new queries per row to a static-shape KV cache, reading only each row's valid prefix.
+
+  Args:
+    q: ``[batch, T, heads, head_dim]``.
+    k_cache, v_cache: ``[batch, max_len, kv_heads, head_dim]``; ``kv_heads`` divides ``heads``.
+    q_offsets: ``int[batch]``: absolute index of query 0 of each row (``lengths`` before the write).
+    kv_lengths: ``int[batch]``: valid cache entries per row (``lengths + T`` after the write). Keys at or past it
+      are never read by the compiled kernels and never attended.
+    mask: any :class:`ardiff.masks.Mask`, evaluated at ``(q_offsets[b] + i, j)``.
+    sm_scale: logit scale, default ``head_dim ** -0.5``.
+    logit_soft_cap: if set, logits become ``cap * tanh(logits / cap)``.
+    block_kv: cache rows per tile (must divide ``max_len``); default 512/256/128 on TPU, 128..16 on GPU.
+    backend: ``"tpu"``, ``"gpu"`` or ``None`` (= ``jax.default_backend()``; on CPU this raises).
+    interpret: run the backend's kernel in the Pallas interpreter (``True`` or, for TPU, a
+      ``pltpu.InterpretParams``).
+
+  Returns:
+    ``[batch, T, heads, head_dim]`` in ``q.dtype``; rows that see no key are zeros. Equals
+    ``ardiff.attention.reference_attention(q, k_cache, v_cache, mask=mask, q_offsets=q_offsets,
+    kv_lengths=kv_lengths, ...)``.
+  """
+  _check_inputs(q, k_cache, v_cache, q_offsets, kv_lengths)
+  if not isinstance(mask, masks_lib.Mask):
+    raise ValueError(f"mask must be an ardiff.masks.Mask, got {type(mask).__name__}.")
+  backend = resolve_backend(backend, interpret)
+  interpret = _interpret_arg(backend, interpret)
+  b, t, h, d = q.shape
+  s, kvh = k_cache.shape[1], k_cache.shape[2]
+  g = h // kvh
+  table = not _predicate_in_kernel(mask)
+  bk = _default_block_kv(backend, s) if block_kv is None else block_kv
+  _check_block_kv(backend, s, bk, table, d)
+  sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
+  logit_soft_cap = None if logit_soft_cap is None else float(logit_soft_cap)
+  q_offsets = jnp.asarray(q_offsets, jnp.int32)
+  kv_lengths = jnp.clip(jnp.asarray(kv_lengths, jnp.int32), 0, s)
+
+  rows = t * g
+  # [b, T, kvh, g, d] -> [b, kvh, T*g, d]: row r = i * g + gi holds query token i, head kvh_idx * g + gi.
+  qg = q.reshape(b, t, kvh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kvh, rows, d)
+  if backend == "gpu":
+    rows = max(_GPU_MIN_ROWS, pl.next_power_of_2(rows))
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - t * g), (0, 0)))
+  tbl = _mask_table(mask, q_offsets, t, g, s, rows) if table else None
+  fn = _decode_tpu if backend == "tpu" else _decode_gpu
+  out = fn(qg, k_cache, v_cache, q_offsets, kv_lengths, tbl, g=g, bk=bk, sm_scale=sm_scale,
+           logit_soft_cap=logit_soft_cap, mask=mask, interpret=interpret)
+  out = out[:, :, :t * g]
+  return out.reshape(b, kvh, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+
+
+def decode_attention_reference(q, k_cache, v_cache, *, q_offsets, kv_lengths, mask: masks_lib.Mask,
+                               sm_scale: Optional[float] = None, logit_soft_cap: Optional[float] = None):
+  """Pure-JAX reference: the dense masked softmax of :func:`ardiff.attention.reference_attention`."""
+  _check_inputs(q, k_cache, v_cache, q_offsets, kv_lengths)
+  return attention_lib.reference_attention(q, k_cache, v_cache, mask=mask, q_offsets=q_offsets,
+                                           kv_lengths=kv_lengths, sm_scale=sm_scale,
+                                           logit_soft_cap=logit_soft_cap)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# In-place cache write.
+
+
+def _check_write(k_cache, v_cache, k_new, v_new, positions):
+  for name, a in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
+    if a.ndim != 4:
+      raise ValueError(f"{name} must be 4-D [batch, len, kv_heads, head_dim], got shape {a.shape}.")
+  if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+    raise ValueError(f"k_cache {k_cache.shape} {k_cache.dtype} and v_cache {v_cache.shape} {v_cache.dtype} must "
+                     f"match.")
+  if k_new.shape != v_new.shape:
+    raise ValueError(f"k_new {k_new.shape} and v_new {v_new.shape} must have the same shape.")
+  b, s, kvh, d = k_cache.shape
+  nb, t, nkvh, nd = k_new.shape
+  if (nb, nkvh, nd) != (b, kvh, d):
+    raise ValueError(f"k_new {k_new.shape} must be [batch={b}, T, kv_heads={kvh}, head_dim={d}] like the cache.")
+  if t > s:
+    raise ValueError(f"T={t} new rows exceed the cache max_len={s}.")
+  if np.shape(positions) != (b,):
+    raise ValueError(f"positions must have shape (batch,) = ({b},), got {np.shape(positions)}.")
+  if not jnp.issubdtype(jnp.result_type(positions), jnp.integer):
+    raise ValueError(f"positions must be an integer array, got dtype {jnp.result_type(positions)}.")
+
+
+def write_kv_reference(k_cache, v_cache, k_new, v_new, *, positions):
+  """Pure JAX (vmapped ``lax.dynamic_update_slice``): ``cache[b, p:p+T] = new[b]``, ``p = clip(positions[b], 0,
+  max_len - T)``."""
+  _check_write(k_cache, v_cache, k_new, v_new, positions)
+  upd = jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (p, 0, 0)))
+  # Clamp explicitly: lax.dynamic_update_slice would wrap negative starts around (Python-style) first.
+  positions = jnp.clip(jnp.asarray(positions, jnp.int32), 0, k_cache.shape[1] - k_new.shape[1])
+  return upd(k_cache, k_new, positions), upd(v_cache, v_new, positions)
+
+
+def _write_tpu_kernel(pos_ref, kc_in, vc_in, kn_ref, vn_ref, kc_out, vc_out, sem, *, t):
+  del kc_in, vc_in  # aliased to kc_out / vc_out: the same HBM buffers
+  bi = pl.program_id(0)
+  p = pos_ref[bi]
+  ck = pltpu.make_async_copy(kn_ref.at[bi], kc_out.at[bi, pl.ds(p, t)], sem.at[0])
+  cv = pltpu.make_async_copy(vn_ref.at[bi], vc_out.at[bi, pl.ds(p, t)], sem.at[1])
+  ck.start()
+  cv.start()
+  ck.wait()
+  cv.wait()
+
+
+def _write_gpu_kernel(pos_ref, kc_in, vc_in, kn_ref, vn_ref, kc_out, vc_out, *, t):
+  del kc_in, vc_in
+  p = pos_ref[0]
+  kc_out[pl.ds(p, t), :, :] = kn_ref[...]
+  vc_out[pl.ds(p, t), :, :] = vn_ref[...]
+
+
+def write_kv(k_cache, v_cache, k_new, v_new, *, positions, backend: Optional[str] = None, interpret=False):
+  """Write ``k_new/v_new [batch, T, kv_heads, head_dim]`` into the caches at ``[positions[b], positions[b] + T)``.
+
+  The caches are updated IN PLACE: the ``pallas_call`` aliases each cache input to its output
+  (``input_output_aliases``). For the update to be really in place the caller's jit must donate the caches
+  (``jax.jit(step, donate_argnums=...)`` with the caches among the donated arguments, and the returned caches
+  replacing the old ones); without donation XLA inserts a copy of the whole cache to protect the caller's buffers.
+  Only the ``T`` new rows per batch row move: on TPU two HBM->HBM DMAs per row, no VMEM round trip.
+
+  ``positions`` start indices are clamped to ``[0, max_len - T]`` (as in the reference :func:`write_kv_reference`;
+  negative starts clamp to 0, they do not wrap around). GPU (Triton) needs ``T``, ``kv_heads`` and ``head_dim`` powers of two.
+
+  Returns ``(k_cache, v_cache)``.
+  """
+  _check_write(k_cache, v_cache, k_new, v_new, positions)
+  backend = resolve_backend(backend, interpret)
+  interpret = _interpret_arg(backend, interpret)
+  b, s, kvh, d = k_cache.shape
+  t = k_new.shape[1]
+  positions = jnp.clip(jnp.asarray(positions, jnp.int32), 0, s - t)
+  k_new = k_new.astype(k_cache.dtype)
+  v_new = v_new.astype(v_cache.dtype)
+  out_shape = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+               jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+  cost = pl.CostEstimate(flops=0, transcendentals=0, bytes_accessed=4 * k_new.size * k_new.dtype.itemsize)
+  if backend == "tpu":
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1, grid=(b,), in_specs=[any_spec] * 4, out_specs=(any_spec, any_spec),
+        scratch_shapes=[pltpu.SemaphoreType.DMA((2,))])
+    return pl.pallas_call(
+        functools.partial(_write_tpu_kernel, t=t), grid_spec=grid_spec, out_shape=out_shape,
+        input_output_aliases={1: 0, 2: 1},  # operand indices count the scalar-prefetch operand (positions) as 0
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",), has_side_effects=False),
+        cost_estimate=cost, interpret=interpret, name="write_kv_tpu",
+    )(positions, k_cache, v_cache, k_new, v_new)
+  if not interpret and not all(_is_pow2(x) for x in (t, kvh, d)):
+    raise ValueError(f"GPU (Triton) write_kv needs T={t}, kv_heads={kvh}, head_dim={d} to be powers of two.")
+  cache_spec = pl.BlockSpec((None, s, kvh, d), lambda bi: (bi, 0, 0, 0))
+  new_spec = pl.BlockSpec((None, t, kvh, d), lambda bi: (bi, 0, 0, 0))
+  return pl.pallas_call(
+      functools.partial(_write_gpu_kernel, t=t), grid=(b,),
+      in_specs=[pl.BlockSpec((None, 1), lambda bi: (bi, 0)), cache_spec, cache_spec, new_spec, new_spec],
+      out_specs=(cache_spec, cache_spec), out_shape=out_shape, input_output_aliases={1: 0, 2: 1},
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+      cost_estimate=cost, interpret=interpret, name="write_kv_gpu",
+  )(positions.reshape(b, 1), k_cache, v_cache, k_new, v_new)
