@@ -27,6 +27,15 @@ def unknown_keys_error(section: str, unknown, known) -> ValueError:
   return ValueError(f"Unknown key(s) in {section}: {', '.join(hints)}. Known keys: {', '.join(sorted(known))}.")
 
 
+def dataclass_from_dict(cls, d: Mapping[str, Any], section: str):
+  """``cls(**d)`` for a config dataclass, rejecting unknown keys with :func:`unknown_keys_error`."""
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(d) - known
+  if unknown:
+    raise unknown_keys_error(section, unknown, known)
+  return cls(**dict(d))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
@@ -82,11 +91,7 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-      raise unknown_keys_error("the model config", unknown, known)
-    return cls(**dict(d))
+    return dataclass_from_dict(cls, d, "the model config")
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

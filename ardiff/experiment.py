@@ -15,14 +15,14 @@ import ml_collections
 from ardiff import sharding
 from ardiff.config import ModelConfig, unknown_keys_error
 from ardiff.objectives import ObjectiveConfig
+from ardiff.training.optimizer import OptimizerConfig
 
 SECTIONS = {
     "model": None,  # ModelConfig fields
     "objective": None,  # ObjectiveConfig fields
     "data": ("name", "data_dir", "text_key", "tokenizer", "seq_len", "num_threads", "train_split", "eval_split"),
     "mesh": ("data", "fsdp", "tensor"),
-    "optimizer": ("learning_rate", "schedule", "warmup_steps", "b1", "b2", "eps", "weight_decay", "clip_norm",
-                  "grad_accum_steps", "ema_decay", "end_lr_ratio"),
+    "optimizer": None,  # OptimizerConfig fields (total_steps comes from train.num_steps)
     "train": ("run_dir", "batch_size", "num_steps", "seed", "log_every", "eval_every", "eval_batches",
               "save_every", "keep_checkpoints", "num_samples", "sample_tokens", "resume", "init_from"),
 }
@@ -90,8 +90,9 @@ def validate(config: ml_collections.ConfigDict, *, devices=None) -> Experiment:
   objective.check_seq_len(seq_len)
   if objective.kind != "ar" and model.mask_token_id is None:
     raise ValueError(f"objective.kind={objective.kind!r} needs model.mask_token_id (the tokenizer's [MASK] id).")
-  if opt["schedule"] not in ("cosine", "constant"):
-    raise ValueError(f"optimizer.schedule={opt['schedule']!r} must be 'cosine' or 'constant'.")
+  if "total_steps" in opt:
+    raise ValueError("config.optimizer.total_steps is derived from train.num_steps; remove it.")
+  OptimizerConfig.from_dict({**opt, "total_steps": int(train["num_steps"])})  # raises with the reason
   for key in ("batch_size", "num_steps", "log_every", "eval_every", "save_every", "keep_checkpoints"):
     if int(train[key]) < 1:
       raise ValueError(f"train.{key}={train[key]} must be >= 1.")

@@ -33,3 +33,8 @@ def test_too_big_a_batch_does_not_fit_with_a_clear_message():
 def test_unknown_topology_is_a_clear_error():
   with pytest.raises(RuntimeError, match="cannot describe TPU topology"):
     aot.compile_train_step(default_config.get_config(), "v99:1x1")
+
+
+def test_sampler_steps_compile_with_a_sharded_kv_cache():
+  out = aot.compile_sampler_steps(default_config.get_config(), "v5e:2x2")
+  assert set(out) == {"ar_step", "denoise_step"} and all(0 < v < 1 for v in out.values())

@@ -18,7 +18,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from ardiff.config import unknown_keys_error
+from ardiff.config import dataclass_from_dict
 
 KINDS = ("ar", "block_diffusion", "tidar")
 WEIGHTINGS = ("nelbo", "p_mask", "none")
@@ -58,11 +58,7 @@ class ObjectiveConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ObjectiveConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-      raise unknown_keys_error("the objective config", unknown, known)
-    return cls(**dict(d))
+    return dataclass_from_dict(cls, d, "the objective config")
 
   def check_seq_len(self, seq_len: int) -> None:
     if self.kind in ("block_diffusion", "tidar") and seq_len % self.block_size:

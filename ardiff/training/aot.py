@@ -63,9 +63,7 @@ def compile_train_step(config, topology: str) -> dict:
     notes.append("attention_impl='auto' compiled with the XLA attention path (kernels are chosen on the TPU host).")
   mesh = sharding.make_mesh(**{a: int(exp.mesh[a]) for a in sharding.MESH_AXES}, devices=devices)
   model = Transformer(model_cfg)
-  tx, lr_schedule = optimizer_lib.make_optimizer(
-      optimizer_lib.OptimizerConfig.from_dict({**{k: v for k, v in exp.optimizer.items() if k != "ema_decay"},
-                                               "total_steps": int(exp.train["num_steps"])}))
+  tx, lr_schedule = optimizer_lib.make_optimizer(exp.optimizer, total_steps=int(exp.train["num_steps"]))
   ema = float(exp.optimizer["ema_decay"]) > 0
   abstract_params, param_sh = sharding.abstract_params_and_shardings(model, mesh, exp.rules)
   abstract_state = jax.eval_shape(
@@ -103,6 +101,49 @@ def compile_train_step(config, topology: str) -> dict:
   return result
 
 
+def compile_sampler_steps(config, topology: str, *, max_len: int | None = None) -> dict:
+  """AOT-compiles the sampler's per-step forwards against a sharded KV cache: the AR step (1 token) and the
+  block-diffusion denoise step (B tokens, cache read-only). Returns ``{name: per-chip GiB}``."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from ardiff import masks
+  from ardiff.model import KVCache
+
+  devices = tpu_devices(topology)
+  exp = experiment_lib.validate(config, devices=devices)
+  model_cfg = exp.model if exp.model.attention_impl != "auto" else dataclasses.replace(exp.model,
+                                                                                      attention_impl="xla")
+  mesh = sharding.make_mesh(**{a: int(exp.mesh[a]) for a in sharding.MESH_AXES}, devices=devices)
+  model = Transformer(model_cfg)
+  abstract_params, param_sh = sharding.abstract_params_and_shardings(model, mesh, exp.rules)
+  batch = mesh.shape["data"] * mesh.shape["fsdp"]
+  max_len = max_len or 2 * exp.data["seq_len"]
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  kv = NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor", None))
+  cache_sh = KVCache(k=kv, v=kv, lengths=rows)
+  abstract_cache = jax.eval_shape(lambda: KVCache.init(model_cfg, batch, max_len))
+  hbm, out = hbm_per_chip(topology), {}
+  steps = {"ar_step": (1, masks.Causal())}
+  if exp.objective.kind == "block_diffusion":
+    steps["denoise_step"] = (exp.objective.block_size, masks.BlockCausal(exp.objective.block_size))
+  for name, (t, mask) in steps.items():
+    def step(params, tokens, cache, mask=mask):
+      o = model.apply({"params": params}, tokens, mask=mask, cache=cache)
+      return o.logits, o.cache
+    tokens = jax.ShapeDtypeStruct((batch, t), jnp.int32, sharding=rows)
+    with sharding.activation_sharding(mesh, exp.rules):
+      compiled = jax.jit(step, in_shardings=(param_sh, rows, cache_sh), out_shardings=(None, cache_sh),
+                         donate_argnums=2).lower(sharding.with_shardings(abstract_params, param_sh), tokens,
+                                                 sharding.with_shardings(abstract_cache, cache_sh)).compile()
+    mem = compiled.memory_analysis()
+    used = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    if used > hbm:
+      raise DoesNotFitError(f"{name} needs {used / GIB:.2f} GiB per chip on {topology} (HBM {hbm / GIB:.0f} GiB); "
+                            "shard more or lower the cache length.")
+    out[name] = used / GIB
+  return out
+
+
 def main(argv) -> int:
   from absl import flags
   from ml_collections import config_flags
@@ -124,4 +165,10 @@ def main(argv) -> int:
         f"(arguments {r['arguments_gib']:.2f} GiB, temporaries {r['temp_gib']:.2f} GiB) -> fits")
   for note in r["notes"]:
     print("note:", note)
+  try:
+    for name, gib in compile_sampler_steps(fv.config, fv.topology).items():
+      print(f"{name}: {gib:.2f} GiB per chip with a sharded KV cache -> fits")
+  except DoesNotFitError as e:
+    print(f"DOES NOT FIT: {e}")
+    return 1
   return 0

@@ -29,10 +29,6 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os
                               "configs", "default.py")
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
-
-
 def _data_cfg(exp: experiment_lib.Experiment) -> dict:
   d = dict(exp.data)
   d["data_dir"] = os.path.expanduser(d["data_dir"]) if d.get("data_dir") else None
@@ -78,7 +74,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_afte
 
   loss_fn = objectives.make_loss_fn(model, exp.objective)
   accum = int(exp.optimizer["grad_accum_steps"])
-  tx, lr_schedule = optimizer_lib.make_optimizer(optimizer_config(exp))
+  tx, lr_schedule = optimizer_lib.make_optimizer(exp.optimizer, total_steps=int(tcfg["num_steps"]))
   ema_decay = float(exp.optimizer["ema_decay"])
   state, state_sh, abstract_state = create_state(model, tx, mesh, exp.rules, seed=int(tcfg["seed"]),
                                                  ema=ema_decay > 0)
@@ -125,7 +121,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_afte
       if metrics.get("nonfinite", 0.0):
         ckpt.save(micro, state, data_iter=train_iter, config_dict=exp.raw.to_dict(), force=True)
         ckpt.wait()
-        raise NonFiniteLossError(f"step {done}: non-finite loss or gradient (loss={metrics.get('loss')}); the "
+        raise train_state_lib.NonFiniteError(f"step {done}: non-finite loss or gradient (loss={metrics.get('loss')}); the "
                                  f"state before this step is saved in {ckpt.directory}. Lower "
                                  "optimizer.learning_rate or check the data.")
       now = time.time()  # throughput over the logging window, so the first window's compile time washes out
@@ -169,11 +165,6 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_afte
   metrics_file.close()
   ckpt.close()
   return last
-
-
-def optimizer_config(exp) -> optimizer_lib.OptimizerConfig:
-  opt = {k: v for k, v in exp.optimizer.items() if k != "ema_decay"}
-  return optimizer_lib.OptimizerConfig.from_dict({**opt, "total_steps": int(exp.train["num_steps"])})
 
 
 def create_state(model, tx, mesh, rules, *, seed: int, ema: bool):

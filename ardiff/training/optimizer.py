@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional, Union
 
 import optax
 
-from ardiff.config import unknown_keys_error
+from ardiff.config import dataclass_from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +37,7 @@ class OptimizerConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "OptimizerConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-      raise unknown_keys_error("the optimizer config", unknown, known)
-    return cls(**dict(d))
+    return dataclass_from_dict(cls, d, "the optimizer config")
 
 
 def make_lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
