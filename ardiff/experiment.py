@@ -45,8 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(learning_rate=3e-3, schedule="cosine", warmup_steps=50, b1=0.9,
                                                b2=0.99, eps=1e-8, weight_decay=0.01, clip_norm=1.0, end_lr_ratio=0.1,
                                                grad_accum_steps=1, ema_decay=0.0))
-  c.train = ml_collections.ConfigDict(dict(run_dir="runs/default", batch_size=32, num_steps=400, seed=0,
-                                           log_every=10, eval_every=200, eval_batches=8, save_every=200,
+  c.train = ml_collections.ConfigDict(dict(run_dir="runs/default", batch_size=16, num_steps=300, seed=0,
+                                           log_every=10, eval_every=100, eval_batches=8, save_every=100,
                                            keep_checkpoints=2, num_samples=4, sample_tokens=128, resume=True,
                                            init_from=""))
   return c

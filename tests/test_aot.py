@@ -38,3 +38,10 @@ def test_unknown_topology_is_a_clear_error():
 def test_sampler_steps_compile_with_a_sharded_kv_cache():
   out = aot.compile_sampler_steps(default_config.get_config(), "v5e:2x2")
   assert set(out) == {"ar_step", "denoise_step"} and all(0 < v < 1 for v in out.values())
+
+
+def test_sampler_steps_compile_with_the_pallas_decode_kernel():
+  c = default_config.get_config()
+  c.model.attention_impl = "pallas"
+  out = aot.compile_sampler_steps(c, "v5e:2x2")
+  assert set(out) == {"ar_step", "denoise_step"}
