@@ -1,4 +1,5 @@
-"""Sampler tests: cache exactness (AR and block diffusion, ragged batches), greedy, threshold limit, EOS."""
+"""Sampler tests: cache exactness (AR and block diffusion, ragged batches, partial prompt blocks, fused writes,
+token shift), cached greedy == uncached reference, commit rules, threshold limit, EOS, argument validation."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,9 @@ import pytest
 from ardiff import masks as masks_lib
 from ardiff.config import ModelConfig
 from ardiff.model import Transformer, init_params
-from ardiff.sampling import (commit_mask, prefill, reference_block_logits, sample_ar, sample_block_diffusion)
+from ardiff.sampling import (commit_mask, prefill, reference_block_logits, reference_greedy_block_diffusion,
+                             sample_ar, sample_block_diffusion)
+from ardiff.sampling.block_diffusion import first_sub_block
 
 CFG = ModelConfig(vocab_size=24, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
                   mask_token_id=23, init_std=0.5)
@@ -113,27 +116,48 @@ def test_ar_eos_stops_rows_independently(setup):
 BS = 4
 
 
-@pytest.mark.parametrize("strategy", ["topk_confidence", "threshold"])
-def test_block_diffusion_cached_logits_match_uncached_ragged(setup, strategy):
-  model, params = setup
-  prompt, lens = _ragged_prompt([4, 8, 4], 8, seed=2)
-  res = sample_block_diffusion(params, model, prompt, lens, rng=jax.random.PRNGKey(5), block_size=BS,
-                               num_blocks=3, strategy=strategy, steps_per_block=2, threshold=0.3, gamma=1.0,
-                               temperature=1.0, return_trace=True)
-  ref = reference_block_logits(params, model, prompt, lens, res, BS)
+def _check_trace(params, model, prompt, lens, res, bs, token_shift):
+  """Every traced denoising forward's logits == the uncached BlockCausal forward of the sequence it stands for."""
+  ref = reference_block_logits(params, model, prompt, lens, res, bs)
   used = np.asarray(res.trace["block"]) >= 0
   assert used.sum() == int(np.asarray(res.steps_per_block_used).sum()) > 0
-  # float32 reassociation noise only (|logits| ~ 5 with init_std 0.5): atol 1e-5 plus rtol 1e-5.
-  # float32: rounding differs between the cached (T = B) and full-length matmuls by a few ulps of the largest
-  # summands, so the absolute tolerance is 1e-5 of the logit scale (init_std=0.5 gives logits of magnitude ~5).
-  ref_used = ref[used]
-  np.testing.assert_allclose(np.asarray(res.trace["logits"])[used], ref_used, rtol=1e-5,
-                             atol=1e-5 * float(np.abs(ref_used).max()))
-  # NFE = prefill + denoising steps + one cache write per block.
-  assert int(res.nfe) == 1 + used.sum() + 3
+  # float32: the cached (T = B) and full-length matmuls round differently by a few ulps of the largest summands,
+  # so the absolute tolerance is 1e-5 of the logit scale (init_std=0.5 gives logits of magnitude ~5).
+  got, want = np.asarray(res.trace["logits"])[used], ref[used][:, :, 1:]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+  if token_shift:  # the clean prefix's last row, which predicts each block's first position
+    want_last = ref[used][:, :, 0]
+    has = ~np.isnan(want_last[..., 0])
+    assert has.any()
+    np.testing.assert_allclose(np.asarray(res.trace["last"])[used][has], want_last[has], rtol=1e-5,
+                               atol=1e-5 * float(np.abs(want_last[has]).max()))
+  return used
+
+
+@pytest.mark.parametrize("strategy,kv_write,token_shift,lengths", [
+    ("topk_confidence", "separate", False, [4, 8, 4]),
+    ("threshold", "separate", False, [5, 8, 2]),  # partial prompt blocks seed block 0
+    ("threshold", "fused", True, [5, 8, 1]),
+    ("ddpm_cache", "fused", False, [3, 6, 7]),
+    ("first_hitting", "separate", True, [4, 7, 2]),
+])
+def test_block_diffusion_cached_logits_match_uncached_ragged(setup, strategy, kv_write, token_shift, lengths):
+  model, params = setup
+  prompt, lens = _ragged_prompt(lengths, 8, seed=2)
+  res = sample_block_diffusion(params, model, prompt, lens, rng=jax.random.PRNGKey(5), block_size=BS,
+                               num_blocks=3, strategy=strategy, steps_per_block=2, threshold=0.3, gamma=1.0,
+                               kv_write=kv_write, token_shift=token_shift, temperature=1.0, return_trace=True)
+  used = _check_trace(params, model, prompt, lens, res, BS, token_shift)
+  # NFE = prefill + denoising forwards + a separate cache write for every block but the last.
+  assert int(res.nfe) == 1 + used.sum() + (2 if kv_write == "separate" else 0)
   raw = np.asarray(res.raw_blocks)
   assert (raw != MASK).all()
-  # Every step's input is the previous step's input with some masks filled (committed tokens never change).
+  tail = lens % BS
+  for r in range(len(lens)):  # block 0 starts with the prompt's tail, and the generated tokens follow it
+    np.testing.assert_array_equal(raw[r, :tail[r]], prompt[r, lens[r] - tail[r]:lens[r]])
+    np.testing.assert_array_equal(np.asarray(res.tokens)[r, :3 * BS - tail[r]], raw[r, tail[r]:])
+    assert int(res.lengths[r]) == 3 * BS - tail[r]
+  # Every forward's input is the previous one's with some masks filled (committed tokens never change).
   inputs = np.asarray(res.trace["inputs"])[used]
   blocks = np.asarray(res.trace["block"])[used]
   for s in range(1, len(inputs)):
@@ -141,8 +165,71 @@ def test_block_diffusion_cached_logits_match_uncached_ragged(setup, strategy):
       prev, cur = inputs[s - 1], inputs[s]
       keep = prev != MASK
       np.testing.assert_array_equal(cur[keep], prev[keep])
-      had = (prev == MASK).any(-1)
-      assert (((prev == MASK) & (cur != MASK)).sum(-1)[had] >= 1).all()
+      assert ((prev == MASK) & (cur != MASK)).any()  # a forward runs only after a change
+
+
+@pytest.mark.parametrize("kw", [
+    dict(strategy="topk_confidence"),
+    dict(strategy="topk_confidence", steps_per_block=2, kv_write="fused"),
+    dict(strategy="threshold", threshold=0.5, token_shift=True),
+    dict(strategy="dynamic", threshold=0.4, steps_per_block=2, kv_write="fused", token_shift=True),
+    dict(strategy="factor", factor=2.0, sub_block_size=2),
+    dict(strategy="entropy_bounded", gamma=0.8, kv_write="fused"),
+])
+def test_greedy_block_diffusion_equals_uncached_reference(setup, kw):
+  """The whole cached sampler (prefill, partial prompt blocks, fused or separate writes, token shift, sub-blocks)
+  == the same rule driven by full uncached forwards, token for token."""
+  model, params = setup
+  prompt, lens = _ragged_prompt([5, 8, 2], 8, seed=11)
+  res = sample_block_diffusion(params, model, prompt, lens, rng=jax.random.PRNGKey(0), block_size=BS,
+                               num_blocks=3, temperature=0, **kw)
+  ref_kw = {key: v for key, v in kw.items() if key != "kv_write"}
+  ref = reference_greedy_block_diffusion(params, model, prompt, lens, block_size=BS, num_blocks=3, **ref_kw)
+  np.testing.assert_array_equal(np.asarray(res.raw_blocks), ref)
+
+
+def test_fused_write_saves_one_forward_per_block(setup):
+  model, params = setup
+  prompt, lens = _ragged_prompt([6, 3], 8, seed=5)
+  kw = dict(rng=jax.random.PRNGKey(1), block_size=BS, num_blocks=4, strategy="threshold", threshold=0.6,
+            temperature=0)
+  sep = sample_block_diffusion(params, model, prompt, lens, kv_write="separate", **kw)
+  fus = sample_block_diffusion(params, model, prompt, lens, kv_write="fused", **kw)
+  np.testing.assert_array_equal(np.asarray(fus.tokens), np.asarray(sep.tokens))
+  np.testing.assert_array_equal(np.asarray(fus.steps_per_block_used), np.asarray(sep.steps_per_block_used))
+  assert int(fus.nfe) == int(sep.nfe) - 3
+
+
+def test_ddpm_cache_reuses_logits(setup):
+  """With 64 time steps most steps unmask nothing: those reuse the cached logits (no forward)."""
+  model, params = setup
+  prompt, lens = _ragged_prompt([4, 4], 8, seed=6)
+  res = sample_block_diffusion(params, model, prompt, lens, rng=jax.random.PRNGKey(2), block_size=BS,
+                               num_blocks=2, strategy="ddpm_cache", steps_per_block=64, temperature=1.0,
+                               return_trace=True)
+  per_block = np.asarray(res.steps_per_block_used)
+  assert (per_block >= 1).all() and (per_block <= 2 * BS).all()  # <= one forward per changed step (2 rows x B)
+  assert (np.asarray(res.raw_blocks) != MASK).all()
+  used = _check_trace(params, model, prompt, lens, res, BS, token_shift=False)
+  inputs, blocks = np.asarray(res.trace["inputs"])[used], np.asarray(res.trace["block"])[used]
+  for s in range(1, len(inputs)):  # a forward runs only after a step that changed the block
+    if blocks[s] == blocks[s - 1]:
+      assert ((inputs[s - 1] == MASK) & (inputs[s] != MASK)).any()
+
+
+def test_left_padding_equals_right_padding(setup):
+  model, params = setup
+  prompt, lens = _ragged_prompt([5, 8, 2], 8, seed=9)
+  left = np.zeros_like(prompt)
+  for r, n in enumerate(lens):
+    left[r, 8 - n:] = prompt[r, :n]
+  kw = dict(rng=jax.random.PRNGKey(4), block_size=BS, num_blocks=2, strategy="threshold", temperature=1.0)
+  a = sample_block_diffusion(params, model, prompt, lens, **kw)
+  b = sample_block_diffusion(params, model, left, lens, padding_side="left", **kw)
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+  c = sample_ar(params, model, prompt, lens, rng=jax.random.PRNGKey(4), max_new_tokens=5)
+  d = sample_ar(params, model, left, lens, rng=jax.random.PRNGKey(4), max_new_tokens=5, padding_side="left")
+  np.testing.assert_array_equal(np.asarray(c.tokens), np.asarray(d.tokens))
 
 
 def test_threshold_limit_equals_top1_confidence(setup):
@@ -152,16 +239,18 @@ def test_threshold_limit_equals_top1_confidence(setup):
   a = sample_block_diffusion(params, model, prompt, lens, strategy="threshold", threshold=1.0 + 1e-6, **kw)
   b = sample_block_diffusion(params, model, prompt, lens, strategy="topk_confidence", steps_per_block=BS, **kw)
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-  assert int(a.nfe) == int(b.nfe) == 1 + 3 * BS + 3
+  assert int(a.nfe) == int(b.nfe) == 1 + 3 * BS + 2
   # A low threshold commits more per step: fewer NFEs.
   c = sample_block_diffusion(params, model, prompt, lens, strategy="threshold", threshold=0.0, **kw)
-  assert int(c.nfe) == 1 + 3 + 3
+  assert int(c.nfe) == 1 + 3 + 2
 
 
-def test_block_diffusion_eos_stops_rows(setup):
+@pytest.mark.parametrize("kv_write", ["separate", "fused"])
+def test_block_diffusion_eos_stops_rows(setup, kv_write):
   model, params = setup
   prompt, lens = _ragged_prompt([4, 8], 8, seed=4)
-  kw = dict(rng=jax.random.PRNGKey(1), block_size=BS, num_blocks=3, temperature=0, strategy="topk_confidence")
+  kw = dict(rng=jax.random.PRNGKey(1), block_size=BS, num_blocks=3, temperature=0, strategy="topk_confidence",
+            kv_write=kv_write)
   base = np.asarray(sample_block_diffusion(params, model, prompt, lens, **kw).tokens)
   eos = int(base[0, 1])  # row 0 emits it in block 0
   res = sample_block_diffusion(params, model, prompt, lens, eos_id=eos, pad_id=0, **kw)
@@ -200,10 +289,50 @@ def test_commit_rules():
   np.testing.assert_array_equal(np.asarray(eb0), [[True, False, False, False]])
   topk = commit_mask("topk_confidence", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=2)
   np.testing.assert_array_equal(np.asarray(topk), [[True, False, True, False]])
+  # SDAR dynamic, k=2: two confidences > 0.9 -> exactly those; with τ = 0.93 only one -> top-2 instead
+  dyn = commit_mask("dynamic", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=2, threshold=0.9)
+  np.testing.assert_array_equal(np.asarray(dyn), [[True, False, True, False]])
+  dyn1 = commit_mask("dynamic", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=1, threshold=0.4)
+  np.testing.assert_array_equal(np.asarray(dyn1), [[True, True, True, False]])
+  dyn2 = commit_mask("dynamic", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=2, threshold=0.93)
+  np.testing.assert_array_equal(np.asarray(dyn2), [[True, False, True, False]])
+  dyn3 = commit_mask("dynamic", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=3, threshold=0.93)
+  np.testing.assert_array_equal(np.asarray(dyn3), [[True, True, True, False]])
+  # ddpm_cache: independent unmasking w.p. unmask_prob (may commit nothing); prob 1 unmasks every mask
+  u = jnp.asarray([[0.1, 0.6, 0.3, 0.0]])
+  dd = commit_mask("ddpm_cache", masked=masked, conf=conf, entropy=ent, rand_score=u, k=1, unmask_prob=0.5)
+  np.testing.assert_array_equal(np.asarray(dd), [[True, False, True, False]])
+  dd0 = commit_mask("ddpm_cache", masked=masked, conf=conf, entropy=ent, rand_score=u, k=1, unmask_prob=0.05)
+  np.testing.assert_array_equal(np.asarray(dd0), [[False, False, False, False]])
+  dd1 = commit_mask("ddpm_cache", masked=masked, conf=conf, entropy=ent, rand_score=u, k=1, unmask_prob=1.0)
+  np.testing.assert_array_equal(np.asarray(dd1), [[True, True, True, False]])
+  with pytest.raises(ValueError, match="strategy must be one of"):
+    commit_mask("nope", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=1)
 
 
-def test_block_diffusion_validates_prompt_lengths(setup):
+def test_sub_block_commits_left_to_right():
+  masked = jnp.asarray([[False, True, True, True, True, True, True, True]])
+  np.testing.assert_array_equal(np.asarray(first_sub_block(masked, 4)), [[False, True, True, True] + [False] * 4])
+  masked = jnp.asarray([[False, False, True, False, True, True, False, True]])
+  np.testing.assert_array_equal(np.asarray(first_sub_block(masked, 2)), [[False, False, True, False] + [False] * 4])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(prompt_lengths=[0, 6]), r"must lie in \[1, 8\]"),
+    (dict(prompt_lengths=[4, 9]), r"must lie in \[1, 8\]"),
+    (dict(strategy="fastest"), "strategy must be one of"),
+    (dict(kv_write="lazy"), "kv_write must be one of"),
+    (dict(sub_block_size=3), "sub_block_size=3 must be a positive divisor of block_size=4"),
+    (dict(steps_per_block=5), r"steps_per_block must be in \[1, block_size=4\]"),
+    (dict(padding_side="middle"), "padding_side must be"),
+])
+def test_block_diffusion_validates_arguments(setup, kw, match):
   model, params = setup
-  prompt, lens = _ragged_prompt([4, 6], 8)
-  with pytest.raises(ValueError, match="multiples of block_size"):
-    sample_block_diffusion(params, model, prompt, lens, rng=jax.random.PRNGKey(0), block_size=BS, num_blocks=1)
+  prompt, _ = _ragged_prompt([4, 6], 8)
+  args = dict(prompt_lengths=[4, 6], rng=jax.random.PRNGKey(0), block_size=BS, num_blocks=1)
+  args.update(kw)
+  with pytest.raises(ValueError, match=match):
+    sample_block_diffusion(params, model, prompt, **args)
+  no_mask = Transformer(CFG.replace(mask_token_id=None))
+  with pytest.raises(ValueError, match="mask_token_id"):
+    sample_block_diffusion(params, no_mask, prompt, [4, 6], rng=jax.random.PRNGKey(0), block_size=BS, num_blocks=1)

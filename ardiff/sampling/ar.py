@@ -91,8 +91,9 @@ def _sample_ar(params, prompt, prompt_lengths, rng, temperature, *, top_p, model
 
 def sample_ar(params, model, prompt, prompt_lengths, *, rng, max_new_tokens: int, temperature=1.0, top_k: int = 0,
               top_p=1.0, greedy: bool = False, eos_id: Optional[int] = None, pad_id: Optional[int] = None,
-              return_logits: bool = False) -> ARResult:
-  """Sample ``max_new_tokens`` per row after a right-padded ``prompt [b, P]`` with ``prompt_lengths [b]`` (>= 1).
+              padding_side: str = "right", return_logits: bool = False) -> ARResult:
+  """Sample ``max_new_tokens`` per row after ``prompt [b, P]`` with ``prompt_lengths [b]`` (each in [1, P];
+  padding on ``padding_side``, 'right' or 'left').
 
   Rows stop independently at ``eos_id`` (later slots hold ``pad_id``, default ``eos_id`` or 0); the loop exits
   early once every row is done. ``temperature == 0`` means greedy. ``nfe`` counts model forwards.
@@ -103,7 +104,8 @@ def sample_ar(params, model, prompt, prompt_lengths, *, rng, max_new_tokens: int
     pad_id = eos_id if eos_id is not None else 0
   if isinstance(temperature, (int, float)) and temperature == 0:
     greedy = True
-  return _sample_ar(params, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), rng,
+  prompt, prompt_lengths = common.right_padded(prompt, prompt_lengths, padding_side)
+  return _sample_ar(params, prompt, prompt_lengths, rng,
                     jnp.float32(1.0 if greedy else temperature), top_p=float(top_p), model=model,
                     max_new_tokens=int(max_new_tokens), top_k=int(top_k), greedy=bool(greedy), eos_id=eos_id,
                     pad_id=int(pad_id), return_logits=bool(return_logits))

@@ -1,11 +1,23 @@
-"""Block-diffusion sampling over a block-causal model with an exact KV cache (anchors §4 A, E, G; §5).
+"""Block-diffusion sampling over a block-causal model with an exact KV cache (anchors §4 A, B, E, G; §5).
 
-Per block: start all-[MASK]; each denoising step forwards the B block tokens against the committed cache
-(read-only: the block's K/V slots are overwritten by the next step and ``lengths`` is not advanced), commits some
-masked positions by the strategy, and when the block is clean one more forward writes its K/V and ``advance(B)``.
-Logits are aligned at the same position (position i predicts token i; MDLM/BD3 convention).
+Per block: start from [MASK] (the first block keeps the prompt's last, partial block: its prompt tokens are known,
+the rest masked); each denoising forward runs the B block tokens against the committed cache, read-only (the
+block's K/V slots are overwritten by the next forward and ``lengths`` is not advanced); the strategy commits some
+masked positions; when the block is clean its K/V is written and committed (``advance(B)``), either
 
-Exactness needs block-aligned absolute positions: every row's prompt length must be a multiple of B (validated).
+* ``kv_write="separate"``: by one more forward of the clean block (BD3-LM, SDAR), or
+* ``kv_write="fused"``: inside the next block's first denoising forward, over ``[clean block ; next block]``
+  (ACDiT's lazy write): the clean rows cannot see the next block under ``BlockCausal``, so their K/V are exactly
+  those of a separate forward, and one forward per block is saved.
+
+The last block's K/V is never needed, so it is never written. Every forward sees exactly what an uncached
+``BlockCausal(B)`` forward of the whole sequence would (tested: :func:`reference_block_logits`).
+
+Absolute positions must be block-aligned for the cache to be exact: each row's prompt is split into its whole
+blocks (prefilled) and a partial tail that seeds the first generated block, so any prompt length works and ragged
+batches stay exact. ``token_shift=True`` is for Dream / Fast-dLLM v2 style models (row ``i-1`` predicts token
+``i``): a block's first position is predicted by the last row of the clean prefix, as in training
+(:func:`ardiff.objectives.diffusion.diffusion_logits`).
 """
 
 from __future__ import annotations
@@ -15,23 +27,25 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ardiff import masks as masks_lib
 from ardiff.sampling import common
 from ardiff.sampling.ar import prefill
 
-STRATEGIES = ("first_hitting", "topk_confidence", "threshold", "factor", "entropy_bounded")
+STRATEGIES = ("first_hitting", "ddpm_cache", "topk_confidence", "threshold", "factor", "dynamic",
+              "entropy_bounded")
+KV_WRITES = ("separate", "fused")
 
 
 class BlockDiffusionResult(NamedTuple):
-  tokens: jax.Array  # int32 [b, num_blocks*B]; pad_id after a row's first EOS
-  raw_blocks: jax.Array  # int32 [b, num_blocks*B] what was actually fed/cached (no EOS post-processing)
+  tokens: jax.Array  # int32 [b, num_blocks*B] generated tokens, left-aligned; pad_id after EOS / past the end
+  raw_blocks: jax.Array  # int32 [b, num_blocks*B] the blocks as denoised (block 0 starts with the prompt's tail)
   lengths: jax.Array  # int32 [b] generated tokens up to and including EOS
-  done: jax.Array  # bool [b]
-  nfe: jax.Array  # int32: forwards run (prefill 1 + denoising steps + one cache write per block)
-  steps_per_block_used: jax.Array  # int32 [num_blocks] denoising forwards per block (0 for skipped blocks)
-  trace: Optional[dict]  # if requested: per denoising step 'block' [S], 'inputs' [S,b,B], 'logits' [S,b,B,V]
+  done: jax.Array  # bool [b] row emitted EOS
+  nfe: jax.Array  # int32: forwards run (prefill 1 + denoising forwards + separate cache writes)
+  steps_per_block_used: jax.Array  # int32 [num_blocks] denoising forwards per block (0 for blocks never reached)
+  trace: Optional[dict]  # if requested, per denoising forward s: 'block' [S] (-1: unused), 'inputs' [S, b, B],
+  #                        'logits' [S, b, B, V] (raw block logits), 'last' [S, b, V] (clean-prefix last logits)
 
 
 def _ranks(score, valid):
@@ -42,18 +56,28 @@ def _ranks(score, valid):
 
 
 def commit_mask(strategy: str, *, masked, conf, entropy, rand_score, k: int, threshold=0.9, factor=1.0,
-                gamma=0.35):
-  """Which masked positions to commit this step (bool [b, B]); always >= 1 per row with any mask (anchors §4E)."""
+                gamma=0.35, unmask_prob=1.0):
+  """Which masked positions to commit this step (bool ``[b, B]``), anchors §4 A, B, E.
+
+  Every rule but ``ddpm_cache`` commits at least one position per row that has a mask. ``rand_score`` is
+  ``U[0, 1)`` per position (random order for ``first_hitting``, Bernoulli draws for ``ddpm_cache``).
+  """
   n_masked = masked.sum(-1, keepdims=True)
   if strategy == "first_hitting":  # uniformly random masked positions, k per step (k = 1: BD3 first hitting)
     rank, _ = _ranks(rand_score, masked)
     return masked & (rank < k)
+  if strategy == "ddpm_cache":  # each masked position unmasks independently w.p. (t - s) / t
+    return masked & (rand_score < unmask_prob)
   if strategy == "topk_confidence":  # LLaDA low_confidence / SDAR static
     rank, _ = _ranks(conf, masked)
     return masked & (rank < k)
   if strategy == "threshold":  # Fast-dLLM: {argmax c} ∪ {c >= τ}
     rank, _ = _ranks(conf, masked)
     return masked & ((rank == 0) | (conf >= threshold))
+  if strategy == "dynamic":  # SDAR low_confidence_dynamic: {c > τ} if there are >= k of them, else top-k
+    rank, _ = _ranks(conf, masked)
+    above = masked & (conf > threshold)
+    return jnp.where(above.sum(-1, keepdims=True) >= k, above, masked & (rank < k))
   if strategy == "factor":  # Fast-dLLM factor: largest n with c_(i) >= 1 - f/(i+1) for all i <= n (1-based)
     rank, c_sorted = _ranks(conf, masked)
     i = jnp.arange(1, masked.shape[-1] + 1, dtype=jnp.float32)
@@ -68,138 +92,185 @@ def commit_mask(strategy: str, *, masked, conf, entropy, rand_score, k: int, thr
   raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
 
 
+def first_sub_block(masked, sub_block_size: int):
+  """Fast-dLLM v2 sub-blocks: only the leftmost sub-block that still has masks may commit (bool ``[b, B]``)."""
+  pos = jnp.arange(masked.shape[-1])
+  first = jnp.min(jnp.where(masked, pos, masked.shape[-1]), axis=-1, keepdims=True)
+  return masked & (pos // sub_block_size == first // sub_block_size)
+
+
+def shift_logits(block_logits, last_logits):
+  """Token shift: position i is predicted by row i-1; position 0 by the clean prefix's last row."""
+  return jnp.concatenate([last_logits[:, None], block_logits[:, :-1]], axis=1)
+
+
 @functools.partial(jax.jit, static_argnames=(
-    "model", "block_size", "num_blocks", "strategy", "k", "top_k", "top_p", "greedy", "eos_id", "pad_id",
-    "return_trace"))
+    "model", "block_size", "num_blocks", "strategy", "k", "steps", "sub_block_size", "token_shift", "fused_write",
+    "top_k", "top_p", "greedy", "eos_id", "pad_id", "return_trace"))
 def _sample_bd(params, prompt, prompt_lengths, rng, temperature, threshold, factor, gamma, *, model, block_size,
-               num_blocks, strategy, k, top_k, top_p, greedy, eos_id, pad_id, return_trace):
-  cfg = model.config
-  mask_id = cfg.mask_token_id
+               num_blocks, strategy, k, steps, sub_block_size, token_shift, fused_write, top_k, top_p, greedy,
+               eos_id, pad_id, return_trace):
+  mask_id = model.config.mask_token_id
   b, p = prompt.shape
-  bs, vocab = block_size, cfg.vocab_size
+  bs, vocab = block_size, model.config.vocab_size
   mask = masks_lib.BlockCausal(bs)
-  cache, _ = prefill(params, model, prompt, prompt_lengths, p + num_blocks * bs, mask)
-  max_steps = num_blocks * bs
-  trace0 = dict(block=jnp.full((max_steps if return_trace else 0,), -1, jnp.int32),
-                inputs=jnp.zeros((max_steps, b, bs) if return_trace else (0,), jnp.int32),
-                logits=jnp.zeros((max_steps, b, bs, vocab) if return_trace else (0,), jnp.float32))
+  fwd = lambda cache, tokens: model.apply({"params": params}, tokens, mask=mask, cache=cache)
 
-  def denoise_step(cache, state):
-    step, rng, xb, nfe, tstep, trace, blk = state
-    out = model.apply({"params": params}, xb, mask=mask, cache=cache)  # read-only: out.cache is dropped
-    logits = out.logits
-    rng, k_tok, k_pos = jax.random.split(rng, 3)
-    tok, processed = common.sample_tokens(k_tok, logits, mask_token_id=mask_id, temperature=temperature,
-                                          top_k=top_k, top_p=top_p, greedy=greedy)
-    logp = jax.nn.log_softmax(processed, axis=-1)
-    conf = jnp.exp(jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0])
-    probs = jnp.exp(logp)
-    entropy = -jnp.sum(jnp.where(probs > 0, probs * logp, 0.0), axis=-1)
-    masked = xb == mask_id
-    sel = commit_mask(strategy, masked=masked, conf=conf, entropy=entropy,
-                      rand_score=jax.random.uniform(k_pos, masked.shape), k=k, threshold=threshold,
-                      factor=factor, gamma=gamma)
-    if return_trace:
-      trace = dict(block=trace["block"].at[tstep].set(blk), inputs=trace["inputs"].at[tstep].set(xb),
-                   logits=trace["logits"].at[tstep].set(logits))
-    xb = jnp.where(sel, tok, xb)
-    return step + 1, rng, xb, nfe + 1, tstep + 1, trace, blk
+  # Whole prompt blocks go to the cache; the partial tail seeds block 0. Writes reach at most
+  # aligned + (num_blocks + 1) * B (a fused write of the last two blocks), inside this capacity.
+  aligned = (prompt_lengths // bs) * bs
+  tail = prompt_lengths - aligned
+  cache, last = prefill(params, model, prompt, aligned, p + (num_blocks + 1) * bs, mask)
+  j = jnp.arange(bs)
+  is_tail = j[None] < tail[:, None]  # [b, B] block-0 slots that hold prompt tokens
+  tail_tokens = jnp.take_along_axis(jnp.pad(prompt, ((0, 0), (0, bs))), aligned[:, None] + j[None], axis=1)
+  # Forwards per block: <= B when every step commits in every row; ddpm_cache forwards only after a step that
+  # changed some row, and a batch holds b*B masks.
+  max_iters = steps if strategy == "ddpm_cache" else bs
+  max_forwards = num_blocks * (min(steps, b * bs) if strategy == "ddpm_cache" else bs)
+  trace0 = dict(block=jnp.full((max_forwards if return_trace else 0,), -1, jnp.int32),
+                inputs=jnp.zeros((max_forwards, b, bs) if return_trace else (0,), jnp.int32),
+                logits=jnp.zeros((max_forwards, b, bs, vocab) if return_trace else (0,), jnp.float32),
+                last=jnp.zeros((max_forwards, b, vocab) if return_trace else (0,), jnp.float32))
 
-  def block_body(state):
-    n, rng, cache, done, out_tokens, nfe, tstep, trace, steps_used = state
-    xb = jnp.where(done[:, None], pad_id, jnp.full((b, bs), mask_id, jnp.int32))
-    inner = (jnp.int32(0), rng, xb, nfe, tstep, trace, n)
-    step, rng, xb, nfe, tstep, trace, _ = jax.lax.while_loop(
-        lambda s: jnp.any(s[2] == mask_id) & (s[0] < bs), functools.partial(denoise_step, cache), inner)
-    xb = jnp.where(xb == mask_id, pad_id, xb)  # unreachable (>= 1 commit per step); keeps outputs mask-free
-    out_tokens = jax.lax.dynamic_update_slice_in_dim(out_tokens, xb, n * bs, axis=1)
-    # Write the clean block's K/V and commit it.
-    cache = model.apply({"params": params}, xb, mask=mask, cache=cache).cache.advance(bs)
+  def record(trace, tstep, did, blk, xb, logits, last):
+    if not return_trace:
+      return trace
+    put = lambda arr, v: arr.at[tstep].set(jnp.where(did, v, arr[tstep]))
+    return dict(block=put(trace["block"], blk), inputs=put(trace["inputs"], xb), logits=put(trace["logits"], logits),
+                last=put(trace["last"], last))
+
+  def denoise(cache, last, blk, s):
+    """One block: iterate until no [MASK] is left; a forward runs only when the block changed since the last."""
+
+    def body(s):
+      logits = jax.lax.cond(s["stale"], lambda: fwd(cache, s["xb"]).logits, lambda: s["logits"])
+      trace = record(s["trace"], s["tstep"], s["stale"], blk, s["xb"], logits, last)
+      pred = shift_logits(logits, last) if token_shift else logits
+      rng, k_tok, k_pos = jax.random.split(s["rng"], 3)
+      tok, processed = common.sample_tokens(k_tok, pred, mask_token_id=mask_id, temperature=temperature,
+                                            top_k=top_k, top_p=top_p, greedy=greedy)
+      logp = jax.nn.log_softmax(processed, axis=-1)
+      conf = jnp.exp(jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0])
+      probs = jnp.exp(logp)
+      entropy = -jnp.sum(jnp.where(probs > 0, probs * logp, 0.0), axis=-1)
+      masked = s["xb"] == mask_id
+      if sub_block_size:
+        masked = first_sub_block(masked, sub_block_size)
+      sel = commit_mask(strategy, masked=masked, conf=conf, entropy=entropy,
+                        rand_score=jax.random.uniform(k_pos, masked.shape), k=k, threshold=threshold,
+                        factor=factor, gamma=gamma, unmask_prob=1.0 / (steps - s["i"]).astype(jnp.float32))
+      did = s["stale"].astype(jnp.int32)
+      return dict(s, i=s["i"] + 1, rng=rng, xb=jnp.where(sel, tok, s["xb"]), logits=logits, stale=jnp.any(sel),
+                  nfe=s["nfe"] + did, tstep=s["tstep"] + did, trace=trace)
+
+    return jax.lax.while_loop(lambda s: jnp.any(s["xb"] == mask_id) & (s["i"] < max_iters), body, s)
+
+  def block_body(s):
+    n, cache, done, last = s["n"], s["cache"], s["done"], s["last"]
+    xb = jnp.where((n == 0) & is_tail, tail_tokens, mask_id)
+    xb = jnp.where(done[:, None], pad_id, xb)
+    logits, stale, nfe0, tstep, trace = jnp.zeros((b, bs, vocab), jnp.float32), jnp.bool_(True), s["nfe"], \
+        s["tstep"], s["trace"]
+    if fused_write:  # commit the previous clean block inside this block's first forward
+      def fused():
+        out = fwd(cache, jnp.concatenate([s["prev"], xb], axis=1))
+        return out.cache.advance(bs), out.logits[:, bs - 1], out.logits[:, bs:]
+      has_prev = n > 0
+      cache, last, fused_logits = jax.lax.cond(has_prev, fused, lambda: (cache, last, logits))
+      trace = record(trace, tstep, has_prev, n, xb, fused_logits, last)
+      logits, stale = fused_logits, ~has_prev
+      nfe0, tstep = nfe0 + has_prev, tstep + has_prev
+    inner = dict(i=jnp.int32(0), rng=s["rng"], xb=xb, logits=logits, stale=stale, nfe=nfe0, tstep=tstep,
+                 trace=trace)
+    inner = denoise(cache, last, n, inner)
+    xb = jnp.where(inner["xb"] == mask_id, pad_id, inner["xb"])  # unreachable: every rule finishes its block
+    out_tokens = jax.lax.dynamic_update_slice_in_dim(s["out"], xb, n * bs, axis=1)
+    nfe = inner["nfe"]
+    steps_used = s["steps_used"].at[n].set(nfe - s["nfe"])
+    if not fused_write:  # one more forward writes the clean block, unless no block follows
+      need = n < num_blocks - 1
+
+      def write():
+        out = fwd(cache, xb)
+        return out.cache.advance(bs), out.logits[:, -1]
+      cache, last = jax.lax.cond(need, write, lambda: (cache, last))
+      nfe = nfe + need
     if eos_id is not None:
-      done = done | jnp.any(xb == eos_id, axis=-1)
-    return n + 1, rng, cache, done, out_tokens, nfe + 1, tstep, trace, steps_used.at[n].set(step)
+      done = done | jnp.any((xb == eos_id) & ~((n == 0) & is_tail), axis=-1)
+    return dict(n=n + 1, rng=inner["rng"], cache=cache, done=done, last=last, prev=xb, out=out_tokens, nfe=nfe,
+                tstep=inner["tstep"], trace=inner["trace"], steps_used=steps_used)
 
-  state = (jnp.int32(0), rng, cache, jnp.zeros((b,), bool), jnp.full((b, num_blocks * bs), pad_id, jnp.int32),
-           jnp.int32(1), jnp.int32(0), trace0, jnp.zeros((num_blocks,), jnp.int32))
-  _, _, _, done, raw, nfe, _, trace, steps_used = jax.lax.while_loop(
-      lambda s: (s[0] < num_blocks) & ~jnp.all(s[3]), block_body, state)
+  s = dict(n=jnp.int32(0), rng=rng, cache=cache, done=jnp.zeros((b,), bool), last=last,
+           prev=jnp.zeros((b, bs), jnp.int32), out=jnp.full((b, num_blocks * bs), pad_id, jnp.int32),
+           nfe=jnp.int32(1), tstep=jnp.int32(0), trace=trace0, steps_used=jnp.zeros((num_blocks,), jnp.int32))
+  s = jax.lax.while_loop(lambda s: (s["n"] < num_blocks) & ~jnp.all(s["done"]), block_body, s)
 
-  idx = jnp.arange(raw.shape[1])
+  raw = s["out"]
+  width = num_blocks * bs
+  # Generated tokens start after each row's prompt tail: shift rows left by `tail`.
+  gen = jax.vmap(lambda row, t: jax.lax.dynamic_slice_in_dim(jnp.pad(row, (0, bs), constant_values=pad_id), t,
+                                                              width))(raw, tail)
+  idx = jnp.arange(width)[None]
+  n_gen = width - tail
   if eos_id is not None:
-    is_eos = raw == eos_id
-    first = jnp.where(jnp.any(is_eos, -1), jnp.argmax(is_eos, -1), raw.shape[1])
-    tokens = jnp.where(idx[None] > first[:, None], pad_id, raw)
-    lengths = jnp.minimum(first + 1, raw.shape[1]).astype(jnp.int32)
+    is_eos = (gen == eos_id) & (idx < n_gen[:, None])
+    first = jnp.where(jnp.any(is_eos, -1), jnp.argmax(is_eos, -1), n_gen)
+    lengths = jnp.minimum(first + 1, n_gen).astype(jnp.int32)
   else:
-    tokens, lengths = raw, jnp.full((b,), raw.shape[1], jnp.int32)
-  return BlockDiffusionResult(tokens, raw, lengths, done, nfe, steps_used, trace if return_trace else None)
+    lengths = n_gen.astype(jnp.int32)
+  tokens = jnp.where(idx < lengths[:, None], gen, pad_id)
+  return BlockDiffusionResult(tokens, raw, lengths, s["done"], s["nfe"], s["steps_used"],
+                              s["trace"] if return_trace else None)
 
 
 def sample_block_diffusion(params, model, prompt, prompt_lengths, *, rng, block_size: int, num_blocks: int,
                            strategy: str = "topk_confidence", steps_per_block: Optional[int] = None,
-                           threshold: float = 0.9, factor: float = 1.0, gamma: float = 0.35, temperature=0.0,
-                           top_k: int = 0, top_p: float = 1.0, greedy: bool = False, eos_id: Optional[int] = None,
-                           pad_id: Optional[int] = None, return_trace: bool = False) -> BlockDiffusionResult:
-  """Generate ``num_blocks`` blocks of ``block_size`` after a right-padded ``prompt [b, P]``.
+                           threshold: float = 0.9, factor: float = 1.0, gamma: float = 0.35,
+                           sub_block_size: Optional[int] = None, token_shift: bool = False,
+                           kv_write: str = "separate", temperature=0.0, top_k: int = 0, top_p: float = 1.0,
+                           greedy: bool = False, eos_id: Optional[int] = None, pad_id: Optional[int] = None,
+                           padding_side: str = "right", return_trace: bool = False) -> BlockDiffusionResult:
+  """Generate ``num_blocks`` blocks of ``block_size`` after ``prompt [b, P]`` (ragged: ``prompt_lengths [b]``,
+  each in ``[1, P]``, padding on ``padding_side``).
 
-  ``prompt_lengths`` (concrete, each a positive multiple of ``block_size``) are validated on the host.
-  ``steps_per_block`` sets the static ``k = ceil(B / steps)`` of ``first_hitting``/``topk_confidence`` (default B
-  steps, k = 1). ``threshold`` (τ), ``factor`` (f) and ``gamma`` (γ) parameterize the dynamic rules.
-  ``temperature == 0`` (default) or ``greedy`` decodes with argmax; confidences are always probabilities of the
-  chosen token under the processed (temperature/top-k/top-p, [MASK]-free) distribution.
+  Strategies (anchors §4): ``first_hitting`` (random positions, ``k = ceil(B / steps_per_block)`` per step; the
+  default k = 1 is BD3's exact first-hitting sampler), ``ddpm_cache`` (``steps_per_block`` time steps, each masked
+  token unmasks w.p. ``(t - s) / t``; steps that change nothing reuse the last logits, no forward),
+  ``topk_confidence`` (k most confident), ``threshold`` (Fast-dLLM: top-1 plus every confidence >= τ),
+  ``dynamic`` (SDAR: every confidence > τ if there are >= k of them, else top-k), ``factor`` (Fast-dLLM factor
+  rule, ``factor`` = f), ``entropy_bounded`` (lowest-entropy prefix with total entropy <= ``gamma``).
+  ``sub_block_size`` (Fast-dLLM v2) restricts commits to the leftmost sub-block with masks. ``kv_write``:
+  ``"separate"`` or ``"fused"`` (module docstring). ``temperature == 0`` (default) or ``greedy`` takes argmax
+  tokens; confidences are probabilities of the chosen token under the processed ([MASK]-free, temperature,
+  top-k, top-p) distribution. ``eos_id`` stops rows independently after the block holding their first EOS.
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
+  if kv_write not in KV_WRITES:
+    raise ValueError(f"kv_write must be one of {KV_WRITES}, got {kv_write!r}.")
   if model.config.mask_token_id is None:
-    raise ValueError("block diffusion needs model.config.mask_token_id.")
-  lens = np.asarray(prompt_lengths)
-  if lens.ndim != 1 or np.any(lens < block_size) or np.any(lens % block_size) or np.any(lens > prompt.shape[1]):
-    raise ValueError(f"prompt_lengths {lens.tolist()} must be positive multiples of block_size={block_size} "
-                     f"and <= the padded prompt length {prompt.shape[1]} (block-aligned positions keep the "
-                     "cached sampler exact).")
-  steps = block_size if steps_per_block is None else int(steps_per_block)
-  if not 1 <= steps <= block_size:
-    raise ValueError(f"steps_per_block must be in [1, {block_size}], got {steps}.")
-  k = -(-block_size // steps)
+    raise ValueError("block diffusion needs model.config.mask_token_id (the [MASK] id the model was trained with).")
+  if block_size < 1 or num_blocks < 1:
+    raise ValueError(f"block_size ({block_size}) and num_blocks ({num_blocks}) must be >= 1.")
+  prompt, lens = common.right_padded(prompt, prompt_lengths, padding_side)
+  default_steps = block_size
+  steps = default_steps if steps_per_block is None else int(steps_per_block)
+  if strategy == "ddpm_cache":
+    if steps < 1:
+      raise ValueError(f"steps_per_block must be >= 1 for ddpm_cache, got {steps}.")
+  elif not 1 <= steps <= block_size:
+    raise ValueError(f"steps_per_block must be in [1, block_size={block_size}], got {steps}.")
+  if sub_block_size is not None and (sub_block_size < 1 or block_size % sub_block_size):
+    raise ValueError(f"sub_block_size={sub_block_size} must be a positive divisor of block_size={block_size}.")
+  k = -(-block_size // steps) if strategy != "ddpm_cache" else 1
   if pad_id is None:
     pad_id = eos_id if eos_id is not None else 0
   if isinstance(temperature, (int, float)) and temperature == 0:
     greedy = True
-  return _sample_bd(params, jnp.asarray(prompt, jnp.int32), jnp.asarray(lens, jnp.int32), rng,
-                    jnp.float32(1.0 if greedy else temperature), jnp.float32(threshold), jnp.float32(factor),
-                    jnp.float32(gamma), model=model, block_size=int(block_size), num_blocks=int(num_blocks),
-                    strategy=strategy, k=k, top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy),
+  return _sample_bd(params, prompt, lens, rng, jnp.float32(1.0 if greedy else temperature), jnp.float32(threshold),
+                    jnp.float32(factor), jnp.float32(gamma), model=model, block_size=int(block_size),
+                    num_blocks=int(num_blocks), strategy=strategy, k=k, steps=steps,
+                    sub_block_size=int(sub_block_size or 0), token_shift=bool(token_shift),
+                    fused_write=kv_write == "fused", top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy),
                     eos_id=eos_id, pad_id=int(pad_id), return_trace=bool(return_trace))
-
-
-def reference_block_logits(params, model, prompt, prompt_lengths, result: BlockDiffusionResult, block_size: int):
-  """Exactness helper: uncached logits for every traced denoising step, ``[S, b, B, V]`` (NaN for unused steps).
-
-  For step s in block n, row r's sequence is ``[prompt_r, raw_blocks_r[:n*B], inputs[s, r]]`` (positions from 0),
-  forwarded without a cache under ``BlockCausal(B)``; trailing padding cannot affect it (block-causal).
-  """
-  prompt = np.asarray(prompt)
-  lens = np.asarray(prompt_lengths)
-  tr = {key: np.asarray(v) for key, v in result.trace.items()}
-  raw = np.asarray(result.raw_blocks)
-  s_total, b, bs = tr["inputs"].shape
-  length = prompt.shape[1] + raw.shape[1]
-  seqs = np.zeros((s_total, b, length), np.int32)
-  starts = np.zeros((s_total, b), np.int32)
-  for s in range(s_total):
-    n = tr["block"][s]
-    if n < 0:
-      continue
-    for r in range(b):
-      row = np.concatenate([prompt[r, :lens[r]], raw[r, :n * bs], tr["inputs"][s, r]])
-      seqs[s, r, :len(row)] = row
-      starts[s, r] = lens[r] + n * bs
-  fwd = jax.jit(lambda t: model.apply({"params": params}, t, mask=masks_lib.BlockCausal(bs)).logits)
-  logits = np.asarray(fwd(jnp.asarray(seqs.reshape(s_total * b, length)))).reshape(s_total, b, length, -1)
-  out = np.full(tr["logits"].shape, np.nan, np.float32)
-  for s in range(s_total):
-    if tr["block"][s] < 0:
-      continue
-    for r in range(b):
-      out[s, r] = logits[s, r, starts[s, r]:starts[s, r] + bs]
-  return out

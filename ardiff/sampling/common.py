@@ -11,6 +11,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = -1e30  # finite "minus infinity": keeps softmax/entropy free of NaNs when whole rows are masked out
 
@@ -73,3 +74,25 @@ def sample_tokens(rng, logits, *, mask_token_id=None, temperature=1.0, top_k=0, 
   processed = process_logits(logits, mask_token_id=mask_token_id, temperature=1.0 if greedy else temperature,
                              top_k=top_k, top_p=top_p)
   return sample_from_logits(rng, processed, greedy=greedy), processed
+
+
+def right_padded(prompt, prompt_lengths, padding_side: str = "right"):
+  """Validated host-side ``(int32 prompt [b, P], int32 lengths [b])`` with each row's tokens first.
+
+  The samplers work on right-padded rows (each row's cache fills from slot 0); left-padded batches, as most
+  tokenizers produce them for generation, are rolled into that layout here.
+  """
+  prompt = np.asarray(prompt)
+  lengths = np.asarray(prompt_lengths)
+  if prompt.ndim != 2:
+    raise ValueError(f"prompt must be [batch, length], got shape {prompt.shape}.")
+  if lengths.shape != (prompt.shape[0],):
+    raise ValueError(f"prompt_lengths must be [batch]={prompt.shape[0]}, got shape {lengths.shape}.")
+  if np.any(lengths < 1) or np.any(lengths > prompt.shape[1]):
+    raise ValueError(f"prompt_lengths {lengths.tolist()} must lie in [1, {prompt.shape[1]}] (every row needs at "
+                     "least one prompt token, e.g. BOS).")
+  if padding_side == "left":
+    prompt = np.stack([np.roll(row, n - prompt.shape[1]) for row, n in zip(prompt, lengths)])
+  elif padding_side != "right":
+    raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
+  return jnp.asarray(prompt, jnp.int32), jnp.asarray(lengths, jnp.int32)

@@ -1,72 +1,87 @@
-"""Text in, text out: the sampler each model family uses, for the trainer's end-of-run samples and the CLI."""
+"""Text in, text out: one entry point over every sampler, for the trainer's end-of-run samples, the CLI and Colab.
+
+:func:`generate` runs the sampler named by ``sampler`` on token prompts; :func:`default_sampler` picks the family's
+own (block diffusion for block-diffusion runs, TiDAR draft+verify for TiDAR runs, AR otherwise).
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import jax
-import jax.numpy as jnp
+from typing import Optional
 
-from ardiff import masks
-from ardiff.sampling import common
+import numpy as np
+
+from ardiff.attention import resolve_impl
 from ardiff.sampling.ar import sample_ar
 from ardiff.sampling.block_diffusion import sample_block_diffusion
+from ardiff.sampling.speculative import sample_speculative
+from ardiff.sampling.tidar import sample_tidar
 
 DEFAULT_PROMPT = "ROMEO.\n"
+SAMPLERS = ("ar", "block_diffusion", "tidar", "speculative")
 
 
-def encode_prompt(tok, text: str, *, multiple_of: int = 1) -> list:
-  """``[BOS] + encode(text)``, cut to a multiple of ``multiple_of`` (block-aligned prompts keep the cache exact)."""
+def encode_prompt(tok, text: str) -> list:
+  """``[BOS] + encode(text)``: every sampler takes prompts of any length (block diffusion seeds its first block
+  with the prompt's partial last block)."""
   ids = ([tok.bos_id] if tok.bos_id is not None else []) + list(tok.encode(text))
-  keep = max(multiple_of, (len(ids) // multiple_of) * multiple_of)
-  if keep > len(ids):
-    raise ValueError(f"the prompt {text!r} has {len(ids)} tokens; block diffusion needs at least one full block "
-                     f"({multiple_of} tokens). Use a longer prompt.")
-  return ids[:keep]
+  if not ids:
+    raise ValueError("the prompt is empty and the tokenizer has no BOS; give at least one prompt token.")
+  return ids
 
 
-def mdlm_sample(params, model, *, rng, batch: int, length: int, bos_id, temperature: float = 1.0) -> jax.Array:
-  """MDLM (one block = the whole sequence): start from ``[BOS] + [MASK] * (L - 1)``, commit the most confident
-  masked token per step with a full bidirectional forward (no cache: nothing is clean until the end)."""
-  mask_id = model.config.mask_token_id
-  x = jnp.full((batch, length), mask_id, jnp.int32)
-  if bos_id is not None:
-    x = x.at[:, 0].set(bos_id)
+def default_sampler(objective, model) -> str:
+  """The family's own decoding: TiDAR falls back to its AR mode (same distribution) under the Pallas kernels,
+  whose static masks cannot express the decode step's per-row offsets."""
+  if objective.kind == "block_diffusion":
+    return "block_diffusion"
+  if objective.kind == "tidar" and resolve_impl(model.config.attention_impl) == "xla":
+    return "tidar"
+  return "ar"
 
-  def step(i, carry):
-    x, rng = carry
-    rng, sub = jax.random.split(rng)
-    logits = model.apply({"params": params}, x, mask=masks.Full()).logits
-    tok, processed = common.sample_tokens(sub, logits, mask_token_id=mask_id, temperature=temperature)
-    conf = jnp.take_along_axis(jax.nn.log_softmax(processed, -1), tok[..., None], -1)[..., 0]
-    conf = jnp.where(x == mask_id, conf, -jnp.inf)
-    pos = jnp.argmax(conf, axis=-1)
-    rows = jnp.arange(batch)
-    return x.at[rows, pos].set(jnp.where(x[rows, pos] == mask_id, tok[rows, pos], x[rows, pos])), rng
 
-  x, _ = jax.lax.fori_loop(0, length, step, (x, rng))
-  return x
+def generate(sampler: str, params, model, prompt, prompt_lengths, *, rng, num_tokens: int, objective=None,
+             block_size: Optional[int] = None, draft: Optional[tuple] = None, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, eos_id: Optional[int] = None, **options):
+  """Runs one sampler on ``prompt [b, P]`` and returns its result (``tokens``, ``lengths``, ``nfe``, ...).
+
+  ``block_size`` (block diffusion, TiDAR) and the token shift default to ``objective``'s (the run's
+  :class:`~ardiff.objectives.ObjectiveConfig`). ``draft = (draft_params, draft_model)`` is the speculative
+  drafter. ``options`` go to the sampler (block diffusion: ``strategy``, ``threshold``, ``steps_per_block``,
+  ``sub_block_size``, ``kv_write``...; speculative: ``num_draft``).
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+  if block_size is None and sampler in ("block_diffusion", "tidar"):
+    if objective is None or objective.kind == "ar":
+      raise ValueError(f"the {sampler} sampler needs a block size: pass block_size= (the run is not a "
+                       f"{sampler} run).")
+    block_size = objective.block_size
+  common = dict(rng=rng, temperature=temperature, top_p=top_p, top_k=top_k, eos_id=eos_id)
+  if sampler == "block_diffusion":
+    options.setdefault("token_shift", bool(objective is not None and objective.token_shift))
+    return sample_block_diffusion(params, model, prompt, prompt_lengths, block_size=block_size,
+                                  num_blocks=max(1, -(-num_tokens // block_size)), **common, **options)
+  if sampler == "tidar":
+    return sample_tidar(params, model, prompt, prompt_lengths, max_new_tokens=num_tokens, block_size=block_size,
+                        **common, **options)
+  if sampler == "speculative":
+    if draft is None:
+      raise ValueError("speculative decoding needs a drafter: draft=(draft_params, draft_model) "
+                       "(CLI: --draft_checkpoint DIR).")
+    return sample_speculative(params, model, draft[0], draft[1], prompt, prompt_lengths, max_new_tokens=num_tokens,
+                              **common, **options)
+  return sample_ar(params, model, prompt, prompt_lengths, max_new_tokens=num_tokens, **common, **options)
 
 
 def generate_for_experiment(params, model, exp, tok, *, num_samples: int, num_tokens: int, rng,
                             prompt: str = DEFAULT_PROMPT) -> list:
   """``num_samples`` texts of about ``num_tokens`` new tokens from the family's own sampler."""
-  kind, bs = exp.objective.kind, exp.objective.block_size
-  if kind == "block_diffusion" and bs == exp.data["seq_len"]:
-    out = jax.jit(lambda p, r: mdlm_sample(p, model, rng=r, batch=num_samples, length=bs, bos_id=tok.bos_id))(
-        params, rng)
-    return [tok.decode([int(t) for t in row]) for row in np.asarray(out)]
-  if kind == "block_diffusion":
-    ids = encode_prompt(tok, prompt, multiple_of=bs)
-    prompt_arr = np.tile(np.asarray(ids, np.int32), (num_samples, 1))
-    res = sample_block_diffusion(params, model, prompt_arr, np.full(num_samples, len(ids)), rng=rng, block_size=bs,
-                                 num_blocks=max(1, num_tokens // bs), strategy="topk_confidence", temperature=1.0,
-                                 top_p=0.9, eos_id=tok.eos_id)
-    tokens, lengths = np.asarray(res.tokens), np.asarray(res.lengths)
-  else:  # AR, and TiDAR's AR mode (its clean half is a causal AR model)
-    ids = encode_prompt(tok, prompt)
-    prompt_arr = np.tile(np.asarray(ids, np.int32), (num_samples, 1))
-    res = sample_ar(params, model, prompt_arr, np.full(num_samples, len(ids)), rng=rng, max_new_tokens=num_tokens,
-                    temperature=1.0, top_p=0.9, eos_id=tok.eos_id)
-    tokens, lengths = np.asarray(res.tokens), np.asarray(res.lengths)
+  ids = encode_prompt(tok, prompt)
+  sampler = default_sampler(exp.objective, model)
+  options = dict(strategy="topk_confidence") if sampler == "block_diffusion" else {}
+  res = generate(sampler, params, model, np.tile(np.asarray(ids, np.int32), (num_samples, 1)),
+                 np.full(num_samples, len(ids)), rng=rng, num_tokens=num_tokens, objective=exp.objective,
+                 temperature=1.0, top_p=0.9, eos_id=tok.eos_id, **options)
   text_prompt = tok.decode(ids)
-  return [text_prompt + tok.decode([int(t) for t in row[:n]]) for row, n in zip(tokens, lengths)]
+  return [text_prompt + tok.decode([int(t) for t in row[:n]])
+          for row, n in zip(np.asarray(res.tokens), np.asarray(res.lengths))]
