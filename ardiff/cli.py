@@ -10,6 +10,8 @@ COMMANDS = {
     "eval": ("ardiff.training.evaluate", "evaluate a checkpoint: loss, NELBO/perplexity, bits per byte"),
     "sample": ("ardiff.sampling.main", "generate text from a checkpoint"),
     "compile": ("ardiff.training.aot", "AOT-compile the sharded train step for a TPU topology"),
+    "export": ("ardiff.export.main", "export a run: Hugging Face directory, portable params, StableHLO"),
+    "convert": ("ardiff.export.convert", "convert an AR model (HF directory or run) into a block-diffusion run"),
 }
 
 USAGE = "usage: python -m ardiff <command> [flags]\n\ncommands:\n" + "\n".join(

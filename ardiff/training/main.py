@@ -12,9 +12,7 @@ import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from ardiff import data as data_lib
 from ardiff import experiment as experiment_lib
@@ -211,9 +209,17 @@ def write_samples(params, model, exp, tok, run_dir) -> str:
 
 
 def load_params(path: str, model: Transformer, mesh, rules):
-  """Parameters of the latest checkpoint of a run directory (or a checkpoints directory), on this mesh."""
+  """Parameters for ``train.init_from``, on this mesh: the latest checkpoint of a run directory (``ardiff train``
+  or ``ardiff convert``), a checkpoints directory, or a params directory (``ardiff export --to params``). Only
+  ``model``'s weight layout must match the source (objective, optimizer and dtype may differ)."""
+  from ardiff.export import params as params_lib
   path = os.path.abspath(os.path.expanduser(path))
+  if params_lib.is_params_dir(path):
+    return params_lib.load_params_dir(path, mesh=mesh, rules=rules, target=model.config)[1]
   ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  source_cfg = os.path.join(os.path.dirname(ckpt_dir), "config.json")
+  if os.path.isfile(source_cfg):  # a clear message instead of orbax's shape/structure error
+    params_lib.check_compatible(_read_config(os.path.dirname(ckpt_dir))[1], model.config, ckpt_dir)
   abstract, shardings = sharding.abstract_params_and_shardings(model, mesh, rules)
   return restore_params(ckpt_dir, sharding.with_shardings(abstract, shardings))
 
@@ -238,18 +244,46 @@ def restore_params(ckpt_dir: str, target, *, use_ema: bool = False):
   return out.state[key]
 
 
-def load_run(run_dir: str, *, use_ema: bool = False):
-  """``(experiment, model, params)`` of the latest checkpoint of a run, on a mesh of this host's devices."""
-  run_dir = os.path.abspath(os.path.expanduser(run_dir))
+def _read_config(run_dir: str):
+  """``(ConfigDict, ModelConfig)`` of the ``config.json`` in ``run_dir``."""
+  from ardiff.config import ModelConfig
   cfg_path = os.path.join(run_dir, "config.json")
   if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"{cfg_path} not found: {run_dir} is not a run directory written by `ardiff train`.")
+    raise FileNotFoundError(f"{cfg_path} not found: {run_dir} is not a run directory written by `ardiff train` "
+                            "(or a params directory written by `ardiff export --to params`).")
   with open(cfg_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config.rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.rules)
+  return config, ModelConfig.from_dict(config.model.to_dict())
+
+
+def load_run(run_dir: str, *, use_ema: bool = False):
+  """``(experiment, model, params)`` of a run, on a mesh of this host's devices.
+
+  ``run_dir`` is a run directory (latest checkpoint; ``use_ema`` picks the EMA parameters) or a params directory
+  of ``ardiff export --to params`` (recognised by its ``model_config.json``; it holds one set of parameters, so
+  ``use_ema`` must match how it was exported).
+  """
+  from ardiff.export import params as params_lib
+  run_dir = os.path.abspath(os.path.expanduser(run_dir))
+  is_params_dir = params_lib.is_params_dir(run_dir)
+  if is_params_dir and not os.path.exists(os.path.join(run_dir, "config.json")):
+    raise FileNotFoundError(f"{run_dir}/config.json not found: this params directory carries no experiment config "
+                            "(tokenizer, objective, data). Export it from a run with `ardiff export --to params`, "
+                            "or read the bare parameters with ardiff.export.params.load_params_dir.")
+  config, _ = _read_config(run_dir)
+  if is_params_dir:
+    params_lib.resolve_tokenizer_path(config, run_dir)  # the exported tokenizer file sits in the directory
   exp = experiment_lib.validate(config)
   mesh = sharding.make_mesh(**{a: int(exp.mesh[a]) for a in sharding.MESH_AXES})
   model = Transformer(exp.model)
+  if is_params_dir:
+    exported_ema = bool(params_lib.read_meta(run_dir).get("use_ema", False))
+    if use_ema and not exported_ema:
+      raise ValueError(f"{run_dir} holds the raw parameters, not the EMA; export the EMA with "
+                       "`ardiff export --to params --ema` or drop --ema.")
+    _, params = params_lib.load_params_dir(run_dir, mesh=mesh, rules=exp.rules, target=exp.model)
+    return exp, model, params
   abstract, shardings = sharding.abstract_params_and_shardings(model, mesh, exp.rules)
   params = restore_params(os.path.join(run_dir, "checkpoints"), sharding.with_shardings(abstract, shardings),
                           use_ema=use_ema)

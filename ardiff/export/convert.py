@@ -1,0 +1,300 @@
+"""AR -> block-diffusion conversion: a trained AR model becomes an ardiff run directory ready to fine-tune.
+
+``python -m ardiff convert --from-hf DIR --to block_diffusion --block-size B --out RUN_DIR`` imports a Hugging Face
+Llama/Qwen2 directory (:func:`convert_hf_to_block_diffusion`); ``--from-run RUN_DIR`` takes an ardiff run (or params)
+directory instead (:func:`convert_run_to_block_diffusion`). Either way ``RUN_DIR`` holds
+
+* ``checkpoints/0``: the parameters as a step-0 train-state checkpoint (``{"params": ...}``, no optimizer state),
+* ``config.json``: a validated block-diffusion experiment (model with its [MASK] id, objective with block size B,
+  data with the tokenizer), which ``ardiff eval --run_dir RUN_DIR`` evaluates before any fine-tuning,
+* ``conversion.json``: where it came from and which vocabulary rows were added,
+* the tokenizer file (``tokenizer.json`` / ``tokenizer.model``) when the source has one.
+
+Fine-tune it with ``python -m ardiff train --config configs/convert_finetune.py:RUN_DIR`` (which reads the model
+section from the directory) or with any config whose model matches plus ``--config.train.init_from=RUN_DIR``.
+
+The [MASK] token (SDAR and Fast-dLLM v2 fine-tune with one; anchors §6): an id the source already has is kept;
+otherwise one is added after the tokenizer's vocabulary and its embedding row (and ``lm_head`` column) start at
+the mean of the existing rows (:func:`grow_vocab`), so the fresh token begins as an "average" input instead of a
+random vector whose norm the trained network has never seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+from typing import Mapping, Optional, Sequence, Tuple
+
+import jax.numpy as jnp
+import ml_collections
+
+from ardiff.config import DTYPES, ModelConfig
+from ardiff.export import hf as hf_lib
+from ardiff.export import io as io_lib
+from ardiff.export import params as params_lib
+
+log = logging.getLogger(__name__)
+
+CONVERSION_FILE = "conversion.json"
+# Objective recipes for AR -> block diffusion (anchors §6). Fast-dLLM v2's token shift keeps the AR model's
+# "row i-1 predicts token i" head, which is why it adapts fastest (benchmarks/convert_vs_scratch.py).
+RECIPES = {
+    "fastdllm_v2": dict(token_shift=True, complementary_masks=True, weighting="none"),
+    "sdar": dict(token_shift=False, complementary_masks=False, weighting="p_mask"),
+    "bd3": dict(token_shift=False, complementary_masks=False, weighting="nelbo"),
+}
+
+
+# --------------------------------------------------------------------------------------------- vocabulary
+def grow_vocab(params: Mapping, cfg: ModelConfig, new_vocab: int,
+               reinit_ids: Sequence[int] = ()) -> Tuple[ModelConfig, dict]:
+  """Grows the embedding ``[V, D]`` (and ``lm_head/kernel [D, V]``) to ``new_vocab`` rows.
+
+  Added rows, and the existing rows listed in ``reinit_ids`` (e.g. an untrained padding row that becomes the
+  [MASK]), are set to the mean of the source's ``V`` rows; every other row is unchanged, so the logits of the
+  old tokens are unchanged too.
+  """
+  old = cfg.vocab_size
+  if new_vocab < old:
+    raise ValueError(f"cannot shrink the vocabulary from {old} to {new_vocab}.")
+  bad = [i for i in reinit_ids if not 0 <= i < new_vocab]
+  if bad:
+    raise ValueError(f"rows {bad} to re-initialise lie outside the new vocabulary [0, {new_vocab}).")
+  params = dict(params)
+
+  def fill(table, axis):  # table with vocab on `axis`; mean over the source rows only
+    mean = jnp.mean(table.astype(jnp.float32), axis=axis, keepdims=True).astype(table.dtype)
+    if new_vocab > old:
+      table = jnp.concatenate([table, jnp.repeat(mean, new_vocab - old, axis=axis)], axis=axis)
+    for i in reinit_ids:
+      table = table.at[i].set(mean[0]) if axis == 0 else table.at[:, i].set(mean[:, 0])
+    return table
+
+  params["embed_tokens"] = {**params["embed_tokens"], "embedding": fill(params["embed_tokens"]["embedding"], 0)}
+  if "lm_head" in params:
+    params["lm_head"] = {**params["lm_head"], "kernel": fill(params["lm_head"]["kernel"], 1)}
+  return cfg.replace(vocab_size=new_vocab), params
+
+
+def resolve_mask(cfg: ModelConfig, tokenizer: Optional[str], mask_token_id: Optional[int] = None):
+  """``(mask id, tokenizer spec, vocab size, ids to initialise as new rows)`` for converting a model.
+
+  Order: an explicit ``mask_token_id``; the model's recorded ``cfg.mask_token_id``; the tokenizer's [MASK] (a
+  byte tokenizer without one gets ``mask`` appended to its specials; an ``hf:``/``sentencepiece:`` tokenizer
+  appends a virtual one after its vocabulary); with no tokenizer known, the new id ``cfg.vocab_size``.
+  """
+  from ardiff.data.tokenizers import ByteTokenizer, make_tokenizer
+  vocab, new_ids = cfg.vocab_size, []
+  tok = None
+  if tokenizer is not None:
+    tok = make_tokenizer(tokenizer)
+    vocab = max(vocab, tok.vocab_size)
+  if mask_token_id is not None:
+    mask = int(mask_token_id)
+    if mask < 0:
+      raise ValueError(f"mask_token_id={mask} must be >= 0.")
+    if mask >= cfg.vocab_size:
+      new_ids.append(mask)
+  elif cfg.mask_token_id is not None:
+    mask = cfg.mask_token_id
+  elif isinstance(tok, ByteTokenizer):
+    if tok.mask_id is None:
+      tokenizer = "byte:" + ",".join(tok.specials + ("mask",))
+      tok = ByteTokenizer(tok.specials + ("mask",))
+      vocab = max(vocab, tok.vocab_size)
+      new_ids.append(tok.mask_id)
+    mask = tok.mask_id
+  elif tok is not None:
+    mask = tok.mask_id
+    if mask >= getattr(tok, "base_vocab_size", mask + 1):  # a virtual id: no trained row behind it
+      new_ids.append(mask)
+  else:
+    mask = cfg.vocab_size
+    new_ids.append(mask)
+  if tok is not None and tok.mask_id is not None and tok.mask_id != mask:
+    raise ValueError(f"mask_token_id={mask} differs from the tokenizer's [MASK] id {tok.mask_id} ({tokenizer}); "
+                     f"pass --mask-token-id {tok.mask_id} or none.")
+  return mask, tokenizer, max(vocab, mask + 1), new_ids
+
+
+# ------------------------------------------------------------------------------------------------- convert
+def save_params_checkpoint(params, ckpt_dir: str, step: int = 0) -> str:
+  """``{"params": params}`` as step ``step`` of an orbax CheckpointManager directory (the train-state layout
+  that :func:`ardiff.training.main.restore_params` reads, so ``init_from`` and ``ardiff eval`` accept it)."""
+  import orbax.checkpoint as ocp
+  mngr = ocp.CheckpointManager(io_lib.clean_path(ckpt_dir), item_handlers={"state": ocp.StandardCheckpointHandler()},
+                               options=ocp.CheckpointManagerOptions(create=True))
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})), force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  return os.path.join(io_lib.clean_path(ckpt_dir), str(step))
+
+
+def convert_to_block_diffusion(cfg: ModelConfig, params: Mapping, out_run_dir, *, block_size: int,
+                               base_config: Optional[ml_collections.ConfigDict] = None,
+                               tokenizer: Optional[str] = None, mask_token_id: Optional[int] = None,
+                               seq_len: Optional[int] = None, recipe: Optional[str] = "fastdllm_v2",
+                               overwrite: bool = False, source: Optional[Mapping] = None) -> str:
+  """Writes a block-diffusion run directory for an AR model ``(cfg, params)``; returns its path.
+
+  ``base_config``: experiment config providing the non-model sections (default
+  :func:`ardiff.experiment.base_config`); its objective gets ``kind``, ``block_size`` and the fields of
+  ``recipe`` (a key of :data:`RECIPES`; None keeps ``base_config``'s). ``tokenizer``: the source's tokenizer
+  spec (an ``hf:``/``sentencepiece:`` file is copied into the run directory); None keeps ``base_config``'s.
+  Everything is validated before anything is written.
+  """
+  from ardiff import experiment as experiment_lib
+  run_dir = io_lib.check_output_dir(out_run_dir, overwrite=overwrite)
+  if not isinstance(block_size, int) or block_size < 1:
+    raise ValueError(f"block_size={block_size!r} must be a positive integer.")
+  if recipe is not None and recipe not in RECIPES:
+    raise ValueError(f"recipe={recipe!r} must be one of {sorted(RECIPES)} or None.")
+  params_lib.check_params_match(params, cfg, "the source parameters")
+  c = copy.deepcopy(base_config) if base_config is not None else experiment_lib.base_config()
+  mask, tokenizer, vocab, new_ids = resolve_mask(cfg, tokenizer, mask_token_id)
+  tok_file = params_lib.tokenizer_file_of(tokenizer) if tokenizer is not None else None
+  if tok_file is not None:  # the run directory gets its own copy, referenced by its final path
+    if not os.path.isfile(tok_file):
+      raise FileNotFoundError(f"tokenizer file {tok_file} not found.")
+    tokenizer = f"{tokenizer.partition(':')[0]}:{os.path.join(run_dir, os.path.basename(tok_file))}"
+  reinit = [i for i in new_ids if i < cfg.vocab_size]
+  cfg, params = grow_vocab(params, cfg, vocab, reinit_ids=reinit)
+  cfg = cfg.replace(mask_token_id=int(mask))
+
+  with c.unlocked():
+    c.name = os.path.basename(run_dir)
+    c.model = ml_collections.ConfigDict(cfg.to_dict())
+    c.objective.kind = "block_diffusion"
+    c.objective.block_size = int(block_size)
+    for k, v in (RECIPES[recipe] if recipe else {}).items():
+      c.objective[k] = v
+    if seq_len is not None:
+      c.data.seq_len = int(seq_len)
+    if tokenizer is not None:
+      c.data.tokenizer = tokenizer
+    c.train.run_dir = run_dir
+    c.train.init_from = ""
+  if c.data.seq_len % block_size:
+    raise ValueError(f"block size {block_size} does not divide data.seq_len={c.data.seq_len}; pass --seq-len "
+                     f"{max(block_size, c.data.seq_len // block_size * block_size)} (a multiple of {block_size}).")
+  experiment_lib.validate(c)  # fail here, before writing, not at train time
+  record = {"source": dict(source or {}), "block_size": int(block_size), "recipe": recipe,
+            "mask_token_id": int(mask), "vocab_size": vocab, "mean_initialised_rows": sorted(set(new_ids))}
+  with io_lib.staged_output(run_dir, overwrite=overwrite) as tmp:
+    save_params_checkpoint(params, os.path.join(tmp, "checkpoints"), step=0)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      f.write(c.to_json_best_effort(indent=2))
+    with open(os.path.join(tmp, CONVERSION_FILE), "w") as f:
+      json.dump(record, f, indent=2)
+    if tok_file is not None:
+      shutil.copy(tok_file, os.path.join(tmp, os.path.basename(tok_file)))
+  return run_dir
+
+
+def _load_config_file(path: Optional[str]) -> Optional[ml_collections.ConfigDict]:
+  """``get_config()`` of a ``configs/*.py`` file (``path:arg`` passes ``arg``), or None."""
+  if path is None:
+    return None
+  import importlib.util
+  file, _, arg = path.partition(":")
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"config file {file} not found.")
+  spec = importlib.util.spec_from_file_location("_ardiff_convert_config", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def hf_tokenizer_spec(hf_dir: str, hf_config: Mapping) -> Optional[str]:
+  """The tokenizer of an HF directory: its ``tokenizer.json`` / ``tokenizer.model``, else the spec that an ardiff
+  export recorded (``config["ardiff"]["tokenizer"]``, e.g. ``"byte"``), else None."""
+  if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+    return "hf:" + os.path.join(hf_dir, "tokenizer.json")
+  if os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
+    return "sentencepiece:" + os.path.join(hf_dir, "tokenizer.model")
+  recorded = (hf_config.get("ardiff") or {}).get("tokenizer")
+  return recorded if isinstance(recorded, str) and recorded.startswith("byte") else None
+
+
+def convert_hf_to_block_diffusion(hf_dir, out_run_dir, *, block_size: int, config_file: Optional[str] = None,
+                                  mask_token_id: Optional[int] = None, seq_len: Optional[int] = None,
+                                  recipe: Optional[str] = "fastdllm_v2", dtype: str = "float32",
+                                  overwrite: bool = False) -> str:
+  """Imports the HF Llama/Qwen2 directory ``hf_dir`` and writes a block-diffusion run at ``out_run_dir``.
+
+  ``config_file``: a ``configs/*.py`` giving the non-model sections (data, optimizer, objective recipe).
+  """
+  hf_dir = io_lib.clean_path(hf_dir)
+  io_lib.check_output_dir(out_run_dir, overwrite=overwrite)  # before the (slow) import
+  hf_config = hf_lib.read_hf_config(hf_dir)
+  cfg, params = hf_lib.import_hf(hf_dir, dtype=dtype)
+  tokenizer = hf_tokenizer_spec(hf_dir, hf_config)
+  if tokenizer is None:
+    log.warning("%s has no tokenizer file and no recorded ardiff tokenizer; the run keeps data.tokenizer of the "
+                "base config. Set --config.data.tokenizer when fine-tuning.", hf_dir)
+  return convert_to_block_diffusion(cfg, params, out_run_dir, block_size=block_size,
+                                    base_config=_load_config_file(config_file), tokenizer=tokenizer,
+                                    mask_token_id=mask_token_id, seq_len=seq_len, recipe=recipe,
+                                    overwrite=overwrite, source={"hf_dir": hf_dir})
+
+
+def convert_run_to_block_diffusion(run_dir, out_run_dir, *, block_size: int, config_file: Optional[str] = None,
+                                   mask_token_id: Optional[int] = None, seq_len: Optional[int] = None,
+                                   recipe: Optional[str] = "fastdllm_v2", use_ema: bool = False,
+                                   overwrite: bool = False) -> str:
+  """An ardiff AR run (or params directory) -> a block-diffusion run; the source's data, optimizer and train
+  sections are kept unless ``config_file`` is given."""
+  from ardiff.training.main import load_run
+  run_dir = io_lib.clean_path(run_dir)
+  io_lib.check_output_dir(out_run_dir, overwrite=overwrite)
+  exp, _, params = load_run(run_dir, use_ema=use_ema)
+  if exp.objective.kind == "tidar":
+    log.warning("%s is a TiDAR run; converting its weights as if they were AR.", run_dir)
+  base = _load_config_file(config_file)
+  return convert_to_block_diffusion(exp.model, params, out_run_dir, block_size=block_size,
+                                    base_config=exp.raw if base is None else base,
+                                    tokenizer=exp.data["tokenizer"], mask_token_id=mask_token_id, seq_len=seq_len,
+                                    recipe=recipe, overwrite=overwrite,
+                                    source={"run_dir": run_dir, "use_ema": bool(use_ema)})
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+def main(argv) -> int:
+  """``python -m ardiff convert (--from-hf DIR | --from-run DIR) --to block_diffusion --block-size B --out DIR``."""
+  parser = argparse.ArgumentParser(prog=argv[0] if argv else "ardiff convert",
+                                   description="Convert an AR model (Hugging Face Llama/Qwen2 directory or ardiff "
+                                               "run) into a block-diffusion run directory ready to fine-tune.")
+  src = parser.add_mutually_exclusive_group(required=True)
+  src.add_argument("--from-hf", "--from_hf", dest="from_hf", help="HF model directory (config.json + *.safetensors)")
+  src.add_argument("--from-run", "--from_run", dest="from_run",
+                   help="ardiff run directory (latest checkpoint) or params directory")
+  parser.add_argument("--to", default="block_diffusion", choices=("block_diffusion",))
+  parser.add_argument("--block-size", "--block_size", dest="block_size", type=int, required=True)
+  parser.add_argument("--out", required=True, help="run directory to create")
+  parser.add_argument("--config", default=None,
+                      help="configs/*.py providing the data/optimizer/objective sections (default: the source "
+                           "run's, or ardiff.experiment.base_config() for --from-hf)")
+  parser.add_argument("--mask-token-id", "--mask_token_id", dest="mask_token_id", type=int, default=None)
+  parser.add_argument("--seq-len", "--seq_len", dest="seq_len", type=int, default=None)
+  parser.add_argument("--recipe", default="fastdllm_v2", choices=sorted(RECIPES) + ["config"],
+                      help="objective recipe (token_shift, complementary_masks, weighting); 'config' keeps the "
+                           "objective of --config / the source run")
+  parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter dtype (--from-hf)")
+  parser.add_argument("--ema", action="store_true", help="convert the EMA parameters (--from-run)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  args = parser.parse_args(list(argv[1:]))
+  common = dict(block_size=args.block_size, config_file=args.config, mask_token_id=args.mask_token_id,
+                seq_len=args.seq_len, recipe=None if args.recipe == "config" else args.recipe,
+                overwrite=args.overwrite)
+  if args.from_hf:
+    if args.ema:
+      parser.error("--ema applies to --from-run only.")
+    run_dir = convert_hf_to_block_diffusion(args.from_hf, args.out, dtype=args.dtype, **common)
+  else:
+    run_dir = convert_run_to_block_diffusion(args.from_run, args.out, use_ema=args.ema, **common)
+  print(f"Wrote {run_dir}. Fine-tune with:\n  python -m ardiff train --config configs/convert_finetune.py:{run_dir}")
+  return 0

@@ -1,0 +1,67 @@
+"""All-or-nothing output directories for the exporters and the converter.
+
+Every command that writes a directory (``ardiff export``, ``ardiff convert``) writes it through
+:func:`staged_output`: files go to a hidden temporary directory beside the destination and are moved into place
+only when everything succeeded, so a crash, a bad tensor or Ctrl-C never leaves a half-written checkpoint that a
+later ``from_pretrained`` / ``load_run`` would read. A destination that already has files is refused unless
+``overwrite`` is set, and even then only when it looks like an earlier export (so ``--out . --overwrite`` cannot
+wipe a source tree).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+# A directory holding one of these was written by an exporter (HF, params, run, StableHLO) and may be replaced.
+EXPORT_MARKERS = ("config.json", "model_config.json", "serving.json")
+
+
+def clean_path(path) -> str:
+  return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def check_output_dir(out_dir, *, overwrite: bool = False) -> str:
+  """Raises before anything is written when ``out_dir`` cannot be (re)written; returns its absolute path."""
+  out_dir = clean_path(out_dir)
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise NotADirectoryError(f"output {out_dir} exists and is a file; choose a directory path for --out.")
+  if os.path.isdir(out_dir):
+    entries = sorted(os.listdir(out_dir))
+    if entries and not overwrite:
+      raise FileExistsError(f"output directory {out_dir} is not empty ({len(entries)} entries, e.g. "
+                            f"{entries[:3]}); choose another --out or pass --overwrite (overwrite=True) to "
+                            "replace it.")
+    if entries and not any(m in entries for m in EXPORT_MARKERS):
+      raise FileExistsError(f"refusing to overwrite {out_dir}: it holds {entries[:3]}... but none of "
+                            f"{EXPORT_MARKERS}, so it is not an earlier export. Choose an empty or new --out.")
+  return out_dir
+
+
+@contextlib.contextmanager
+def staged_output(out_dir, *, overwrite: bool = False) -> Iterator[str]:
+  """Yields a temporary directory; when the block succeeds it becomes ``out_dir`` (replacing the old one).
+
+  On an exception the temporary directory is deleted and ``out_dir`` is left exactly as it was.
+  """
+  out_dir = check_output_dir(out_dir, overwrite=overwrite)
+  parent, name = os.path.split(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = None
+  if os.path.isdir(out_dir):  # empty, or an earlier export being overwritten: swap, then delete the old one
+    old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+    os.rmdir(old)
+    os.replace(out_dir, old)
+  os.replace(tmp, out_dir)
+  os.chmod(out_dir, 0o755)  # mkdtemp creates 0700
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
