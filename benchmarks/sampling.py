@@ -2,13 +2,15 @@
 thresholds, fused vs separate clean-block K/V writes), TiDAR draft+verify and speculative decoding.
 
     python benchmarks/sampling.py                        # trains the tiny byte-level models it needs (once, into
-                                                         # runs/bench_sampling/), then measures (~20 min on 2 CPU cores)
-    python benchmarks/sampling.py --train_steps 2000     # better-trained models: more meaningful quality columns
+                                                         # runs/bench_sampling/), then measures (~1 h on 2 CPU cores)
+    python benchmarks/sampling.py --batch 1              # one sequence at a time (no slowest-row effect)
     python benchmarks/sampling.py --random               # randomly initialised models: mechanics only (said so)
 
 One trained checkpoint per family, each by the training system on the embedded Shakespeare corpus with the configs in
 ``configs/`` (same 0.9M-parameter backbone): ``ar_shakespeare`` (AR baseline, judge of gen-PPL and target of
-speculative decoding), ``bd3_b{4,8,16}`` (block diffusion), ``tidar_shakespeare`` (block 4), and a 1-layer AR drafter.
+speculative decoding), then, initialised from it, ``fastdllm_v2_finetune`` at B = 4/8/16 (block diffusion) and
+``tidar_shakespeare`` (block 4), and a 1-layer AR drafter trained from scratch. Rows of a batch advance through the
+blocks together, so a block costs as many forwards as its slowest row needs (``--batch 1`` removes that effect).
 
 Every row: tokens/s (generated tokens of all rows / median wall time of ``--iters`` calls after a compile call),
 ``x AR`` (ratio to the AR row, same run), tokens per forward (generated tokens per row / forwards; speculative
@@ -47,19 +49,32 @@ def _median_time(fn, iters):
 
 
 def _configs(args):
-  """name -> experiment config of every checkpoint the benchmark needs."""
-  from configs import ar_shakespeare, bd3_b4, bd3_b8, bd3_b16, tidar_shakespeare
-  out = {"ar": ar_shakespeare.get_config(), "bd4": bd3_b4.get_config(), "bd8": bd3_b8.get_config(),
-         "bd16": bd3_b16.get_config(), "tidar": tidar_shakespeare.get_config()}
-  out["tidar"].objective.block_size = args.tidar_block
+  """name -> experiment config of every checkpoint the benchmark needs, in training order.
+
+  The block-diffusion and TiDAR models start from the AR checkpoint (Fast-dLLM v2 / SDAR's cheap route to a good
+  block-diffusion model, anchors §6): the same knowledge, so the quality columns compare decoding, not training.
+  """
+  from configs import ar_shakespeare, fastdllm_v2_finetune, tidar_shakespeare
+  ar_dir = os.path.join(args.runs_root, "ar")
+  out = {"ar": ar_shakespeare.get_config()}
   draft = ar_shakespeare.get_config()
   draft.model.update(num_layers=1, embed_dim=64, num_heads=2, num_kv_heads=2, head_dim=32, mlp_dim=192)
   out["draft"] = draft
+  for bs in sorted({int(x) for x in args.block_sizes.split(",")}):
+    c = fastdllm_v2_finetune.get_config()  # token shift, complementary masks, plain CE
+    c.objective.block_size = bs
+    out[f"bd{bs}"] = c
+  tidar = tidar_shakespeare.get_config()
+  tidar.objective.block_size = args.tidar_block
+  out["tidar"] = tidar
   for name, c in out.items():
     c.train.run_dir = os.path.join(args.runs_root, name)
-    c.train.num_steps = args.train_steps
+    from_ar = name not in ("ar", "draft")
+    c.train.init_from = ar_dir if from_ar else ""
+    c.train.num_steps = args.finetune_steps if from_ar else args.ar_steps
     c.train.num_samples = 0
-    c.train.eval_every = args.train_steps
+    c.train.eval_every = c.train.num_steps
+    c.train.save_every = c.train.num_steps
   return out
 
 
@@ -83,13 +98,21 @@ def _load_models(args):
       train(c, progress=True)
     exp, model, params = load_run(c.train.run_dir)
     out[name] = (model, params, exp.objective)
+    evals = [json.loads(line) for line in open(os.path.join(c.train.run_dir, "metrics.jsonl")) if "eval/" in line]
+    if evals:
+      e = evals[-1]
+      metric = "nll" if "eval/nll_per_token" in e else "nelbo"
+      print(f"{name}: step {e['step']}, eval {metric} {e[f'eval/{metric}_per_token']:.3f} nats/token "
+            f"({e.get('eval/bits_per_byte', float('nan')):.3f} bits/byte)")
   return out
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--runs_root", default=os.path.join(ROOT, "runs", "bench_sampling"))
-  p.add_argument("--train_steps", type=int, default=300, help="steps for checkpoints that do not exist yet")
+  p.add_argument("--ar_steps", type=int, default=2000, help="training steps of the AR model and the drafter")
+  p.add_argument("--finetune_steps", type=int, default=500, help="steps of the block-diffusion and TiDAR "
+                 "fine-tunes from the AR checkpoint")
   p.add_argument("--random", action="store_true", help="randomly initialised models (no training)")
   p.add_argument("--batch", type=int, default=8, help="prompts (ragged, real text) per call")
   p.add_argument("--new_tokens", type=int, default=128)
@@ -150,6 +173,9 @@ def main(argv=None) -> int:
     tau = float(args.thresholds.split(",")[0])
     add(f"BD B={bs} threshold {tau}, separate write", "block_diffusion", which, strategy="threshold",
         threshold=tau, kv_write="separate")
+    if bs >= 8:
+      add(f"BD B={bs} threshold {tau}, sub-blocks of 4", "block_diffusion", which, strategy="threshold",
+          threshold=tau, sub_block_size=4)
   tb = args.tidar_block
   add(f"TiDAR B={tb} ({tb - 1} drafts, {tb + tb * tb} rows)", "tidar", "tidar",
       notes=lambda r: f"accepted {float(np.mean(r.accepted)) / max(int(r.steps), 1):.2f}/step")

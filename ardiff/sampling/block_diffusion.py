@@ -170,8 +170,8 @@ def _sample_bd(params, prompt, prompt_lengths, rng, temperature, threshold, fact
     n, cache, done, last = s["n"], s["cache"], s["done"], s["last"]
     xb = jnp.where((n == 0) & is_tail, tail_tokens, mask_id)
     xb = jnp.where(done[:, None], pad_id, xb)
-    logits, stale, nfe0, tstep, trace = jnp.zeros((b, bs, vocab), jnp.float32), jnp.bool_(True), s["nfe"], \
-        s["tstep"], s["trace"]
+    logits, stale = jnp.zeros((b, bs, vocab), jnp.float32), jnp.bool_(True)  # no logits yet: forward first
+    nfe0, tstep, trace = s["nfe"], s["tstep"], s["trace"]
     if fused_write:  # commit the previous clean block inside this block's first forward
       def fused():
         out = fwd(cache, jnp.concatenate([s["prev"], xb], axis=1))
@@ -228,7 +228,7 @@ def sample_block_diffusion(params, model, prompt, prompt_lengths, *, rng, block_
                            strategy: str = "topk_confidence", steps_per_block: Optional[int] = None,
                            threshold: float = 0.9, factor: float = 1.0, gamma: float = 0.35,
                            sub_block_size: Optional[int] = None, token_shift: bool = False,
-                           kv_write: str = "separate", temperature=0.0, top_k: int = 0, top_p: float = 1.0,
+                           kv_write: str = "fused", temperature=0.0, top_k: int = 0, top_p: float = 1.0,
                            greedy: bool = False, eos_id: Optional[int] = None, pad_id: Optional[int] = None,
                            padding_side: str = "right", return_trace: bool = False) -> BlockDiffusionResult:
   """Generate ``num_blocks`` blocks of ``block_size`` after ``prompt [b, P]`` (ragged: ``prompt_lengths [b]``,
@@ -241,7 +241,7 @@ def sample_block_diffusion(params, model, prompt, prompt_lengths, *, rng, block_
   ``dynamic`` (SDAR: every confidence > τ if there are >= k of them, else top-k), ``factor`` (Fast-dLLM factor
   rule, ``factor`` = f), ``entropy_bounded`` (lowest-entropy prefix with total entropy <= ``gamma``).
   ``sub_block_size`` (Fast-dLLM v2) restricts commits to the leftmost sub-block with masks. ``kv_write``:
-  ``"separate"`` or ``"fused"`` (module docstring). ``temperature == 0`` (default) or ``greedy`` takes argmax
+  ``"fused"`` (default) or ``"separate"`` (module docstring). ``temperature == 0`` (default) or ``greedy`` takes argmax
   tokens; confidences are probabilities of the chosen token under the processed ([MASK]-free, temperature,
   top-k, top-p) distribution. ``eos_id`` stops rows independently after the block holding their first EOS.
   """
