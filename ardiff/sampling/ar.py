@@ -77,7 +77,8 @@ def _sample_ar(params, prompt, prompt_lengths, rng, temperature, *, top_p, model
 
   def body(state):
     i, rng, cache, done, tokens, lengths, trace, nfe = state
-    out = model.apply({"params": params}, jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1), mask=mask, cache=cache)
+    last_token = jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1)
+    out = model.apply({"params": params}, last_token, mask=mask, cache=cache)
     cache = out.cache.advance(1)
     logits = out.logits[:, 0]
     rng, key = jax.random.split(rng)

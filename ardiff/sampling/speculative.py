@@ -196,8 +196,9 @@ def sample_speculative(params, model, draft_params, draft_model, prompt, prompt_
   """Speculative sampling from ``model`` (target) with ``draft_model`` proposing ``num_draft`` tokens per step.
 
   Same prompt conventions as :func:`ardiff.sampling.ar.sample_ar` (``prompt [b, P]``, ragged ``prompt_lengths``
-  in [1, P], ``padding_side``). The samples follow the target's processed distribution exactly (``accept_rule="exact"``);
-  ``temperature == 0`` or ``greedy`` gives greedy AR decoding of the target. ``nfe`` counts target forwards.
+  in [1, P], ``padding_side``). The samples follow the target's processed distribution exactly
+  (``accept_rule="exact"``); ``temperature == 0`` or ``greedy`` gives greedy AR decoding of the target. ``nfe``
+  counts target forwards.
   """
   if max_new_tokens < 1 or num_draft < 1:
     raise ValueError(f"max_new_tokens ({max_new_tokens}) and num_draft ({num_draft}) must be >= 1.")

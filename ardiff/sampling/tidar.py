@@ -1,4 +1,6 @@
-"""TiDAR decoding: draft with the diffusion half, verify with the AR half, in ONE forward per step (anchors §3.5, §4 I, J).
+"""TiDAR decoding: draft with the diffusion half, verify with the AR half, in ONE forward per step.
+
+Anchors §3.5, §4 I, J.
 
 State between steps (per row): the committed prefix in the KV cache (length ``L``), the last emitted token ``y`` (at
 position ``L``, not yet cached) and ``B-1`` drafts ``d_1..d_{B-1}`` for positions ``L+1..L+B-1`` with the processed
