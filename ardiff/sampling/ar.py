@@ -101,12 +101,9 @@ def sample_ar(params, model, prompt, prompt_lengths, *, rng, max_new_tokens: int
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-  if pad_id is None:
-    pad_id = eos_id if eos_id is not None else 0
-  if isinstance(temperature, (int, float)) and temperature == 0:
-    greedy = True
+  greedy, temperature, pad_id = common.decoding_defaults(temperature, greedy, pad_id, eos_id)
   prompt, prompt_lengths = common.right_padded(prompt, prompt_lengths, padding_side)
   return _sample_ar(params, prompt, prompt_lengths, rng,
-                    jnp.float32(1.0 if greedy else temperature), top_p=float(top_p), model=model,
-                    max_new_tokens=int(max_new_tokens), top_k=int(top_k), greedy=bool(greedy), eos_id=eos_id,
-                    pad_id=int(pad_id), return_logits=bool(return_logits))
+                    temperature, top_p=float(top_p), model=model,
+                    max_new_tokens=int(max_new_tokens), top_k=int(top_k), greedy=greedy, eos_id=eos_id,
+                    pad_id=pad_id, return_logits=bool(return_logits))

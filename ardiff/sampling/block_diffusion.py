@@ -264,13 +264,10 @@ def sample_block_diffusion(params, model, prompt, prompt_lengths, *, rng, block_
   if sub_block_size is not None and (sub_block_size < 1 or block_size % sub_block_size):
     raise ValueError(f"sub_block_size={sub_block_size} must be a positive divisor of block_size={block_size}.")
   k = -(-block_size // steps) if strategy != "ddpm_cache" else 1
-  if pad_id is None:
-    pad_id = eos_id if eos_id is not None else 0
-  if isinstance(temperature, (int, float)) and temperature == 0:
-    greedy = True
-  return _sample_bd(params, prompt, lens, rng, jnp.float32(1.0 if greedy else temperature), jnp.float32(threshold),
+  greedy, temperature, pad_id = common.decoding_defaults(temperature, greedy, pad_id, eos_id)
+  return _sample_bd(params, prompt, lens, rng, temperature, jnp.float32(threshold),
                     jnp.float32(factor), jnp.float32(gamma), model=model, block_size=int(block_size),
                     num_blocks=int(num_blocks), strategy=strategy, k=k, steps=steps,
                     sub_block_size=int(sub_block_size or 0), token_shift=bool(token_shift),
-                    fused_write=kv_write == "fused", top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy),
-                    eos_id=eos_id, pad_id=int(pad_id), return_trace=bool(return_trace))
+                    fused_write=kv_write == "fused", top_k=int(top_k), top_p=float(top_p), greedy=greedy,
+                    eos_id=eos_id, pad_id=pad_id, return_trace=bool(return_trace))

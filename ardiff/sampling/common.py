@@ -96,3 +96,13 @@ def right_padded(prompt, prompt_lengths, padding_side: str = "right"):
   elif padding_side != "right":
     raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
   return jnp.asarray(prompt, jnp.int32), jnp.asarray(lengths, jnp.int32)
+
+
+def decoding_defaults(temperature, greedy: bool, pad_id: Optional[int], eos_id: Optional[int]):
+  """``(greedy, temperature as float32, pad_id)`` shared by the samplers' entry points: a (static) temperature
+  of 0 means greedy, and finished rows are padded with EOS (or 0 without an EOS)."""
+  if isinstance(temperature, (int, float)) and temperature == 0:
+    greedy = True
+  if pad_id is None:
+    pad_id = eos_id if eos_id is not None else 0
+  return bool(greedy), jnp.float32(1.0 if greedy else temperature), int(pad_id)

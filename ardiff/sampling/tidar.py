@@ -176,11 +176,8 @@ def sample_tidar(params, model, prompt, prompt_lengths, *, rng, max_new_tokens: 
   if accept_rule not in ACCEPT_RULES:
     raise ValueError(f"accept_rule must be one of {ACCEPT_RULES}, got {accept_rule!r}.")
   prompt, prompt_lengths = common.right_padded(prompt, prompt_lengths, padding_side)
-  if pad_id is None:
-    pad_id = eos_id if eos_id is not None else 0
-  if isinstance(temperature, (int, float)) and temperature == 0:
-    greedy = True
+  greedy, temperature, pad_id = common.decoding_defaults(temperature, greedy, pad_id, eos_id)
   return _sample_tidar(params, prompt, prompt_lengths, rng,
-                       jnp.float32(1.0 if greedy else temperature), model=model, block_size=int(block_size),
-                       max_new_tokens=int(max_new_tokens), top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy),
-                       eos_id=eos_id, pad_id=int(pad_id), accept_rule=accept_rule)
+                       temperature, model=model, block_size=int(block_size),
+                       max_new_tokens=int(max_new_tokens), top_k=int(top_k), top_p=float(top_p), greedy=greedy,
+                       eos_id=eos_id, pad_id=pad_id, accept_rule=accept_rule)
