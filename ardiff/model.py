@@ -252,6 +252,15 @@ class Transformer(nn.Module):
     return ModelOutput(logits=logits, hidden=hidden, cache=new_cache)
 
 
+def abstract_params(config: ModelConfig):
+  """``ShapeDtypeStruct`` tree of the parameters (no FLOPs, no mesh): what checkpoints and exports must match."""
+  boxed = jax.eval_shape(lambda r: Transformer(config).init(r, jnp.zeros((1, 8), jnp.int32),
+                                                            mask=masks_lib.Causal())["params"], jax.random.key(0))
+  # Unbox without the sharding constraint that nn.meta.unbox would apply (there is no mesh here).
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, boxed, is_leaf=is_box)
+
+
 def init_params(config: ModelConfig, rng: jax.Array, *, batch: int = 1, length: int = 8):
   """Unboxed parameters (plain arrays), for tests and single-device use; sharded init lives in ardiff.sharding."""
   model = Transformer(config)

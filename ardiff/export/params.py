@@ -27,6 +27,7 @@ import numpy as np
 
 from ardiff.config import ModelConfig
 from ardiff.export import io as io_lib
+from ardiff.model import abstract_params
 
 MODEL_CONFIG_FILE = "model_config.json"
 RUN_CONFIG_FILE = "config.json"
@@ -51,19 +52,6 @@ def check_compatible(source: ModelConfig, target: ModelConfig, where: str) -> No
     raise ValueError(f"the parameters in {where} do not fit the model config ({'; '.join(diffs)}). Use a config "
                      "whose model section matches the checkpoint (e.g. configs/convert_finetune.py:<dir>, which "
                      "reads it from the directory).")
-
-
-def abstract_params(cfg: ModelConfig):
-  """ShapeDtypeStruct tree of ``Transformer(cfg)``'s parameters (no FLOPs)."""
-  import flax.linen as nn
-  import jax.numpy as jnp
-
-  from ardiff import masks
-  from ardiff.model import Transformer
-  shapes = jax.eval_shape(lambda r: Transformer(cfg).init(r, jnp.zeros((1, 8), jnp.int32), mask=masks.Causal()),
-                          jax.random.key(0))["params"]
-  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, shapes, is_leaf=is_box)
 
 
 def check_params_match(params: Mapping, cfg: ModelConfig, where: str = "params") -> None:

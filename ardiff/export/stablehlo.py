@@ -45,13 +45,12 @@ import logging
 import os
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ardiff import masks as masks_lib
 from ardiff.config import ModelConfig
-from ardiff.model import KVCache, Transformer
+from ardiff.model import KVCache, Transformer, abstract_params
 from ardiff.sampling import ar as ar_lib
 
 log = logging.getLogger(__name__)
@@ -101,16 +100,6 @@ def step_functions(cfg: ModelConfig, *, max_len: int, block_size: Optional[int])
 
     fns.update(denoise_step=denoise_step, write_block=write_block)
   return fns
-
-
-def abstract_params(cfg: ModelConfig):
-  """``ShapeDtypeStruct`` tree of the parameters (no FLOPs), what the exported ``params`` argument expects."""
-  model = Transformer(cfg.replace(attention_impl="xla"))
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32),
-                                            mask=masks_lib.Causal()))["params"]
-  # Strip the logical-partitioning boxes without a sharding constraint (there is no mesh here).
-  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, boxed, is_leaf=is_box)
 
 
 def _leaves(params) -> Dict[str, Any]:
