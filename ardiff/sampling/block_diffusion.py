@@ -13,6 +13,12 @@ masked positions; when the block is clean its K/V is written and committed (``ad
 The last block's K/V is never needed, so it is never written. Every forward sees exactly what an uncached
 ``BlockCausal(B)`` forward of the whole sequence would (tested: :func:`reference_block_logits`).
 
+Rows progress independently: each forward serves every row at its own block (per-row cache lengths), so a row
+that finishes its block early starts the next one instead of waiting for the slowest row of the batch. With fused
+writes a forward is ``2B`` wide whenever some row has a clean block to commit (the other rows put their block
+first and filler after it, which they never see); otherwise it is ``B`` wide. With one row this is exactly the
+block-by-block schedule.
+
 Absolute positions must be block-aligned for the cache to be exact: each row's prompt is split into its whole
 blocks (prefilled) and a partial tail that seeds the first generated block, so any prompt length works and ragged
 batches stay exact. ``token_shift=True`` is for Dream / Fast-dLLM v2 style models (row ``i-1`` predicts token
@@ -42,10 +48,11 @@ class BlockDiffusionResult(NamedTuple):
   raw_blocks: jax.Array  # int32 [b, num_blocks*B] the blocks as denoised (block 0 starts with the prompt's tail)
   lengths: jax.Array  # int32 [b] generated tokens up to and including EOS
   done: jax.Array  # bool [b] row emitted EOS
-  nfe: jax.Array  # int32: forwards run (prefill 1 + denoising forwards + separate cache writes)
-  steps_per_block_used: jax.Array  # int32 [num_blocks] denoising forwards per block (0 for blocks never reached)
-  trace: Optional[dict]  # if requested, per denoising forward s: 'block' [S] (-1: unused), 'inputs' [S, b, B],
-  #                        'logits' [S, b, B, V] (raw block logits), 'last' [S, b, V] (clean-prefix last logits)
+  nfe: jax.Array  # int32: batched forwards run (prefill 1 + denoising forwards + separate cache writes)
+  steps_per_block_used: jax.Array  # int32 [b, num_blocks] denoising forwards that served each row's block
+  trace: Optional[dict]  # if requested, per loop iteration s and row r: 'block' [S, b] (the row's block index,
+  #   -1: no fresh logits for it), 'inputs' [S, b, B], 'logits' [S, b, B, V] (raw), 'last' [S, b, V] (the clean
+  #   prefix's last logits)
 
 
 def _ranks(score, valid):
@@ -115,96 +122,127 @@ def _sample_bd(params, prompt, prompt_lengths, rng, temperature, threshold, fact
   bs, vocab = block_size, model.config.vocab_size
   mask = masks_lib.BlockCausal(bs)
   fwd = lambda cache, tokens: model.apply({"params": params}, tokens, mask=mask, cache=cache)
+  rows = jnp.arange(b)
 
   # Whole prompt blocks go to the cache; the partial tail seeds block 0. Writes reach at most
-  # aligned + (num_blocks + 1) * B (a fused write of the last two blocks), inside this capacity.
+  # aligned + (num_blocks + 1) * B (a two-block forward at the last block), inside this capacity.
   aligned = (prompt_lengths // bs) * bs
   tail = prompt_lengths - aligned
   cache, last = prefill(params, model, prompt, aligned, p + (num_blocks + 1) * bs, mask)
   j = jnp.arange(bs)
   is_tail = j[None] < tail[:, None]  # [b, B] block-0 slots that hold prompt tokens
   tail_tokens = jnp.take_along_axis(jnp.pad(prompt, ((0, 0), (0, bs))), aligned[:, None] + j[None], axis=1)
-  # Forwards per block: <= B when every step commits in every row; ddpm_cache forwards only after a step that
-  # changed some row, and a batch holds b*B masks.
-  max_iters = steps if strategy == "ddpm_cache" else bs
-  max_forwards = num_blocks * (min(steps, b * bs) if strategy == "ddpm_cache" else bs)
-  trace0 = dict(block=jnp.full((max_forwards if return_trace else 0,), -1, jnp.int32),
-                inputs=jnp.zeros((max_forwards, b, bs) if return_trace else (0,), jnp.int32),
-                logits=jnp.zeros((max_forwards, b, bs, vocab) if return_trace else (0,), jnp.float32),
-                last=jnp.zeros((max_forwards, b, vocab) if return_trace else (0,), jnp.float32))
+  # Every iteration commits >= 1 token in each active row (ddpm_cache: one of its `steps` time steps) or writes a
+  # pending block (<= 1 per block): a static bound for the loop and the trace.
+  max_iters = num_blocks * ((steps if strategy == "ddpm_cache" else bs) + 1)
+  trace0 = dict(block=jnp.full((max_iters, b) if return_trace else (0,), -1, jnp.int32),
+                inputs=jnp.zeros((max_iters, b, bs) if return_trace else (0,), jnp.int32),
+                logits=jnp.zeros((max_iters, b, bs, vocab) if return_trace else (0,), jnp.float32),
+                last=jnp.zeros((max_iters, b, vocab) if return_trace else (0,), jnp.float32))
 
-  def record(trace, tstep, did, blk, xb, logits, last):
-    if not return_trace:
-      return trace
-    put = lambda arr, v: arr.at[tstep].set(jnp.where(did, v, arr[tstep]))
-    return dict(block=put(trace["block"], blk), inputs=put(trace["inputs"], xb), logits=put(trace["logits"], logits),
-                last=put(trace["last"], last))
+  def forward(s):
+    """One batched forward, or none when no active row needs fresh logits (ddpm_cache reuse).
 
-  def denoise(cache, last, blk, s):
-    """One block: iterate until no [MASK] is left; a forward runs only when the block changed since the last."""
+    Returns (cache, block logits, last logits, rows whose block logits are fresh, whether a forward ran).
+    A pending row is committed here: with fused writes as the first B of 2B tokens ``[clean ; next block]``
+    (rows without a pending block put their current block first and filler after it, which their rows never
+    see under BlockCausal); with separate writes by this forward of the clean block alone.
+    """
+    pending, stale = s["pending"] & s["active"], s["stale"] & s["active"]
+    cache, last, xb = s["cache"], s["last"], s["xb"]
 
-    def body(s):
-      logits = jax.lax.cond(s["stale"], lambda: fwd(cache, s["xb"]).logits, lambda: s["logits"])
-      trace = record(s["trace"], s["tstep"], s["stale"], blk, s["xb"], logits, last)
-      pred = shift_logits(logits, last) if token_shift else logits
-      rng, k_tok, k_pos = jax.random.split(s["rng"], 3)
-      tok, processed = common.sample_tokens(k_tok, pred, mask_token_id=mask_id, temperature=temperature,
-                                            top_k=top_k, top_p=top_p, greedy=greedy)
-      logp = jax.nn.log_softmax(processed, axis=-1)
-      conf = jnp.exp(jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0])
-      probs = jnp.exp(logp)
-      entropy = -jnp.sum(jnp.where(probs > 0, probs * logp, 0.0), axis=-1)
-      masked = s["xb"] == mask_id
-      if sub_block_size:
-        masked = first_sub_block(masked, sub_block_size)
-      sel = commit_mask(strategy, masked=masked, conf=conf, entropy=entropy,
-                        rand_score=jax.random.uniform(k_pos, masked.shape), k=k, threshold=threshold,
-                        factor=factor, gamma=gamma, unmask_prob=1.0 / (steps - s["i"]).astype(jnp.float32))
-      did = s["stale"].astype(jnp.int32)
-      return dict(s, i=s["i"] + 1, rng=rng, xb=jnp.where(sel, tok, s["xb"]), logits=logits, stale=jnp.any(sel),
-                  nfe=s["nfe"] + did, tstep=s["tstep"] + did, trace=trace)
+    def narrow():  # one block per row; commits the pending (clean) blocks of separate writes
+      out = fwd(cache, xb)  # writes every row's block at its length; only pending rows commit theirs
+      return out.cache.advance(jnp.where(pending, bs, 0)), out.logits, \
+          jnp.where(pending[:, None], out.logits[:, -1], last)
 
-    return jax.lax.while_loop(lambda s: jnp.any(s["xb"] == mask_id) & (s["i"] < max_iters), body, s)
+    def wide():  # [clean ; next] for pending rows, [current ; filler] for the others
+      first = jnp.where(pending[:, None], s["prev"], xb)
+      second = jnp.where(pending[:, None], xb, mask_id)
+      out = fwd(cache, jnp.concatenate([first, second], axis=1))
+      block_logits = jnp.where(pending[:, None, None], out.logits[:, bs:], out.logits[:, :bs])
+      return (out.cache.advance(jnp.where(pending, bs, 0)), block_logits,
+              jnp.where(pending[:, None], out.logits[:, bs - 1], last))
 
-  def block_body(s):
-    n, cache, done, last = s["n"], s["cache"], s["done"], s["last"]
-    xb = jnp.where((n == 0) & is_tail, tail_tokens, mask_id)
-    xb = jnp.where(done[:, None], pad_id, xb)
-    logits, stale = jnp.zeros((b, bs, vocab), jnp.float32), jnp.bool_(True)  # no logits yet: forward first
-    nfe0, tstep, trace = s["nfe"], s["tstep"], s["trace"]
-    if fused_write:  # commit the previous clean block inside this block's first forward
-      def fused():
-        out = fwd(cache, jnp.concatenate([s["prev"], xb], axis=1))
-        return out.cache.advance(bs), out.logits[:, bs - 1], out.logits[:, bs:]
-      has_prev = n > 0
-      cache, last, fused_logits = jax.lax.cond(has_prev, fused, lambda: (cache, last, logits))
-      trace = record(trace, tstep, has_prev, n, xb, fused_logits, last)
-      logits, stale = fused_logits, ~has_prev
-      nfe0, tstep = nfe0 + has_prev, tstep + has_prev
-    inner = dict(i=jnp.int32(0), rng=s["rng"], xb=xb, logits=logits, stale=stale, nfe=nfe0, tstep=tstep,
-                 trace=trace)
-    inner = denoise(cache, last, n, inner)
-    xb = jnp.where(inner["xb"] == mask_id, pad_id, inner["xb"])  # unreachable: every rule finishes its block
-    out_tokens = jax.lax.dynamic_update_slice_in_dim(s["out"], xb, n * bs, axis=1)
-    nfe = inner["nfe"]
-    steps_used = s["steps_used"].at[n].set(nfe - s["nfe"])
-    if not fused_write:  # one more forward writes the clean block, unless no block follows
-      need = n < num_blocks - 1
+    def skip():
+      return cache, s["logits"], last
 
-      def write():
-        out = fwd(cache, xb)
-        return out.cache.advance(bs), out.logits[:, -1]
-      cache, last = jax.lax.cond(need, write, lambda: (cache, last))
-      nfe = nfe + need
+    need = jnp.any(stale | pending)
+    branches = [skip, narrow] + ([wide] if fused_write else [])
+    which = jnp.where(need, jnp.where(jnp.any(pending) & fused_write, 2, 1), 0)
+    cache, fresh, last = jax.lax.switch(which, branches)
+    # Separate writes: a pending row's forward was its write; its next block has no logits yet.
+    served = stale if fused_write else stale & ~pending
+    return cache, fresh, last, served & need, need
+
+  def body(s):
+    active = s["active"]
+    cache, fresh, last, served, ran = forward(s)
+    logits = jnp.where(served[:, None, None], fresh, s["logits"])
+    n, xb = s["n"], s["xb"]
+    if not fused_write:  # the rows whose clean block was just written move on to their next block
+      wrote = s["pending"] & active
+      n = n + wrote
+      xb = jnp.where(wrote[:, None], mask_id, xb)
+    forwards = s["forwards"].at[rows, jnp.minimum(n, num_blocks - 1)].add(served.astype(jnp.int32))
+    trace = s["trace"]
+    if return_trace:
+      t = s["it"]
+      put = lambda arr, v: arr.at[t].set(jnp.where(served.reshape((-1,) + (1,) * (v.ndim - 1)), v, arr[t]))
+      trace = dict(block=put(trace["block"], n), inputs=put(trace["inputs"], xb), logits=put(trace["logits"], logits),
+                   last=put(trace["last"], last))
+
+    pred = shift_logits(logits, last) if token_shift else logits
+    rng, k_tok, k_pos = jax.random.split(s["rng"], 3)
+    tok, processed = common.sample_tokens(k_tok, pred, mask_token_id=mask_id, temperature=temperature,
+                                          top_k=top_k, top_p=top_p, greedy=greedy)
+    logp = jax.nn.log_softmax(processed, axis=-1)
+    conf = jnp.exp(jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0])
+    probs = jnp.exp(logp)
+    entropy = -jnp.sum(jnp.where(probs > 0, probs * logp, 0.0), axis=-1)
+    stepping = active & (served | ~s["stale"])  # rows with valid logits for their current block
+    masked = (xb == mask_id) & stepping[:, None]
+    if sub_block_size:
+      masked = first_sub_block(masked, sub_block_size)
+    unmask_prob = 1.0 / jnp.maximum(steps - s["i"], 1).astype(jnp.float32)[:, None]
+    sel = commit_mask(strategy, masked=masked, conf=conf, entropy=entropy,
+                      rand_score=jax.random.uniform(k_pos, masked.shape), k=k, threshold=threshold, factor=factor,
+                      gamma=gamma, unmask_prob=unmask_prob)
+    xb = jnp.where(sel, tok, xb)
+    i = jnp.where(stepping, s["i"] + 1, s["i"])
+    stale = jnp.where(stepping, jnp.any(sel, -1), s["stale"] | (active & ~stepping))
+
+    # Rows whose block is now clean: record it, then stop (last block or EOS) or go on to the next block.
+    clean = stepping & ~jnp.any(xb == mask_id, axis=-1)
+    placed = jax.vmap(lambda row, blk, at: jax.lax.dynamic_update_slice_in_dim(row, blk, at, 0))(
+        s["out"], xb, n * bs)
+    out_tokens = jnp.where(clean[:, None], placed, s["out"])
+    done = s["done"]
     if eos_id is not None:
-      done = done | jnp.any((xb == eos_id) & ~((n == 0) & is_tail), axis=-1)
-    return dict(n=n + 1, rng=inner["rng"], cache=cache, done=done, last=last, prev=xb, out=out_tokens, nfe=nfe,
-                tstep=inner["tstep"], trace=inner["trace"], steps_used=steps_used)
+      done = done | (clean & jnp.any((xb == eos_id) & ~((n == 0)[:, None] & is_tail), axis=-1))
+    finished = clean & ((n == num_blocks - 1) | done)
+    go_on = clean & ~finished
+    pending = jnp.where(clean, go_on, s["pending"] & ~active)  # every active pending block was just written
+    if fused_write:  # the clean block waits in `prev`; the next block starts now
+      prev = jnp.where(go_on[:, None], xb, s["prev"])
+      xb = jnp.where(go_on[:, None], mask_id, xb)
+      n = n + go_on
+      stale = stale | go_on
+    else:  # the clean block stays in `xb` until its write
+      prev = s["prev"]
+    i = jnp.where(go_on, 0, i)
+    return dict(it=s["it"] + 1, rng=rng, cache=cache, n=n, xb=xb, prev=prev, pending=pending, last=last,
+                logits=logits, stale=stale, i=i, active=active & ~finished, done=done, out=out_tokens,
+                nfe=s["nfe"] + ran, trace=trace, forwards=forwards)
 
-  s = dict(n=jnp.int32(0), rng=rng, cache=cache, done=jnp.zeros((b,), bool), last=last,
-           prev=jnp.zeros((b, bs), jnp.int32), out=jnp.full((b, num_blocks * bs), pad_id, jnp.int32),
-           nfe=jnp.int32(1), tstep=jnp.int32(0), trace=trace0, steps_used=jnp.zeros((num_blocks,), jnp.int32))
-  s = jax.lax.while_loop(lambda s: (s["n"] < num_blocks) & ~jnp.all(s["done"]), block_body, s)
+  xb0 = jnp.where(is_tail, tail_tokens, mask_id)
+  s = dict(it=jnp.int32(0), rng=rng, cache=cache, n=jnp.zeros((b,), jnp.int32), xb=xb0,
+           prev=jnp.zeros((b, bs), jnp.int32), pending=jnp.zeros((b,), bool), last=last,
+           logits=jnp.zeros((b, bs, vocab), jnp.float32), stale=jnp.ones((b,), bool), i=jnp.zeros((b,), jnp.int32),
+           active=jnp.ones((b,), bool), done=jnp.zeros((b,), bool),
+           out=jnp.full((b, num_blocks * bs), pad_id, jnp.int32), nfe=jnp.int32(1), trace=trace0,
+           forwards=jnp.zeros((b, num_blocks), jnp.int32))
+  s = jax.lax.while_loop(lambda s: jnp.any(s["active"]) & (s["it"] < max_iters), body, s)
 
   raw = s["out"]
   width = num_blocks * bs
@@ -220,7 +258,7 @@ def _sample_bd(params, prompt, prompt_lengths, rng, temperature, threshold, fact
   else:
     lengths = n_gen.astype(jnp.int32)
   tokens = jnp.where(idx < lengths[:, None], gen, pad_id)
-  return BlockDiffusionResult(tokens, raw, lengths, s["done"], s["nfe"], s["steps_used"],
+  return BlockDiffusionResult(tokens, raw, lengths, s["done"], s["nfe"], s["forwards"],
                               s["trace"] if return_trace else None)
 
 

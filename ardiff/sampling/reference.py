@@ -27,39 +27,34 @@ def _uncached(params, model, block_size):
 
 def reference_block_logits(params, model, prompt, prompt_lengths, result: BlockDiffusionResult, block_size: int,
                            padding_side: str = "right"):
-  """``[S, b, B + 1, V]`` uncached logits for every traced forward s (NaN for unused ones): rows ``start - 1 ..
-  start + B - 1`` of the sequence ``[prompt_r whole blocks, raw_blocks_r[:n*B], inputs[s, r]]``, where
-  ``start`` is where block n begins. Entry 0 is the clean prefix's last row (``trace['last']``; NaN when the row
-  has no whole prompt block before block 0), entries 1.. are the block's rows (``trace['logits']``).
+  """``[S, b, B + 1, V]`` uncached logits for every traced (iteration s, row r) with fresh logits (NaN elsewhere):
+  rows ``start - 1 .. start + B - 1`` of ``[prompt_r whole blocks, raw_blocks_r[:n*B], inputs[s, r]]``, where
+  n is the row's block then and ``start`` where it begins. Entry 0 is the clean prefix's last row
+  (``trace['last']``; NaN when the row has no whole block before block 0), entries 1.. are the block's rows
+  (``trace['logits']``).
   """
   prompt, lens = (np.asarray(x) for x in common.right_padded(prompt, prompt_lengths, padding_side))
   bs = block_size
   aligned = (lens // bs) * bs
   tr = {key: np.asarray(v) for key, v in result.trace.items()}
   raw = np.asarray(result.raw_blocks)
-  s_total, b, _ = tr["inputs"].shape
+  cells = np.argwhere(tr["block"] >= 0)  # (s, r) pairs
   length = prompt.shape[1] + raw.shape[1]
-  seqs = np.zeros((s_total, b, length), np.int32)
-  starts = np.zeros((s_total, b), np.int64)
-  for s in range(s_total):
-    n = tr["block"][s]
-    if n < 0:
-      continue
-    for r in range(b):
-      row = np.concatenate([prompt[r, :aligned[r]], raw[r, :n * bs], tr["inputs"][s, r]])
-      seqs[s, r, :len(row)] = row  # trailing padding is invisible under BlockCausal
-      starts[s, r] = aligned[r] + n * bs
-  logits = np.asarray(_uncached(params, model, bs)(params, jnp.asarray(seqs.reshape(s_total * b, length))))
-  logits = logits.reshape(s_total, b, length, -1)
+  seqs = np.zeros((len(cells), length), np.int32)
+  starts = np.zeros(len(cells), np.int64)
+  for c, (s, r) in enumerate(cells):
+    n = tr["block"][s, r]
+    row = np.concatenate([prompt[r, :aligned[r]], raw[r, :n * bs], tr["inputs"][s, r]])
+    seqs[c, :len(row)] = row  # trailing padding is invisible under BlockCausal
+    starts[c] = aligned[r] + n * bs
+  logits = np.asarray(_uncached(params, model, bs)(params, jnp.asarray(seqs)))
+  s_total, b = tr["block"].shape
   out = np.full((s_total, b, bs + 1, logits.shape[-1]), np.nan, np.float32)
-  for s in range(s_total):
-    if tr["block"][s] < 0:
-      continue
-    for r in range(b):
-      st = starts[s, r]
-      out[s, r, 1:] = logits[s, r, st:st + bs]
-      if st > 0:
-        out[s, r, 0] = logits[s, r, st - 1]
+  for c, (s, r) in enumerate(cells):
+    st = starts[c]
+    out[s, r, 1:] = logits[c, st:st + bs]
+    if st > 0:
+      out[s, r, 0] = logits[c, st - 1]
   return out
 
 
