@@ -3,14 +3,15 @@ thresholds, fused vs separate clean-block K/V writes), TiDAR draft+verify and sp
 
     python benchmarks/sampling.py                        # trains the tiny byte-level models it needs (once, into
                                                          # runs/bench_sampling/), then measures (~1 h on 2 CPU cores)
-    python benchmarks/sampling.py --batch 1              # one sequence at a time (no slowest-row effect)
+    python benchmarks/sampling.py --batch 1              # one sequence at a time (latency, no slowest-row effect)
     python benchmarks/sampling.py --random               # randomly initialised models: mechanics only (said so)
 
 One trained checkpoint per family, each by the training system on the embedded Shakespeare corpus with the configs in
 ``configs/`` (same 0.9M-parameter backbone): ``ar_shakespeare`` (AR baseline, judge of gen-PPL and target of
 speculative decoding), then, initialised from it, ``fastdllm_v2_finetune`` at B = 4/8/16 (block diffusion) and
-``tidar_shakespeare`` (block 4), and a 1-layer AR drafter trained from scratch. Rows of a batch advance through the
-blocks together, so a block costs as many forwards as its slowest row needs (``--batch 1`` removes that effect).
+``tidar_shakespeare`` (block 4), and a 1-layer AR drafter trained from scratch. Each row of a batch advances through
+its blocks on its own (per-row cache lengths), so a batch costs as many forwards as its slowest row needs in all;
+``--batch 1`` measures one sequence alone.
 
 Every row: tokens/s (generated tokens of all rows / median wall time of ``--iters`` calls after a compile call),
 ``x AR`` (ratio to the AR row, same run), tokens per forward (generated tokens per row / forwards; speculative

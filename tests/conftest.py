@@ -22,3 +22,22 @@ if not flags.FLAGS.is_parsed():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """XLA with most optimisation passes off, for a module whose runtime is dozens of small compiles.
+
+  On CPU those passes are 1.5-3x of such a module's time (tests/test_sampling.py + test_tidar_speculative.py: 405 s ->
+  238 s). What the tests check does not depend on them: a sampler and the reference it is compared with compile
+  alike, and the checks are algorithmic (same logits, same tokens, same distribution), not about XLA's fusions.
+  Request it with ``pytestmark = pytest.mark.usefixtures("fast_compiles")``; the old setting is restored after.
+  """
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

@@ -9,6 +9,8 @@ from ardiff.training.main import train
 from configs import tidar_shakespeare
 
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-dominated, see conftest.py
+
 @pytest.fixture(scope="module")
 def tidar_run(tmp_path_factory):
   """A tiny TiDAR run: its causal half is an AR model and its [MASK] id makes every sampler applicable."""

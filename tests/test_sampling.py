@@ -13,6 +13,7 @@ from ardiff.sampling import (commit_mask, prefill, reference_block_logits, refer
                              sample_ar, sample_block_diffusion)
 from ardiff.sampling.block_diffusion import first_sub_block
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-dominated, see conftest.py
 CFG = ModelConfig(vocab_size=24, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
                   mask_token_id=23, init_std=0.5)
 MASK = 23

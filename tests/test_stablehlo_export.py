@@ -29,17 +29,8 @@ AR = dict(max_len=16, prompt_len=6, block_size=None)
 BD = dict(max_len=24, prompt_len=8, block_size=4)
 ATOL = 1e-5
 WIDTH = 16  # reference forwards: every row fits in it
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # ~20 small compiles dominate this module
 RAGGED = {1: {"ar": [6], "bd": [8]}, 3: {"ar": [6, 3, 1], "bd": [8, 4, 8]}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """~20 small XLA compiles dominate this module's runtime; XLA's optimization passes are 2-3x of it on CPU and do
-  not change what is checked (artifacts and references compile alike), so they are off here and restored after."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
 
 
 @pytest.fixture(scope="module")

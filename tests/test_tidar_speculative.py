@@ -16,6 +16,7 @@ from ardiff.sampling import common, prefill, sample_ar
 from ardiff.sampling.speculative import sample_speculative
 from ardiff.sampling.tidar import TiDARDecodeMask, decode_inputs, sample_tidar
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-dominated, see conftest.py
 VOCAB, MASK = 8, 7
 CFG = ModelConfig(vocab_size=VOCAB, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
                   mask_token_id=MASK, init_std=0.5, scan_layers=False)
