@@ -27,7 +27,6 @@ if ROOT not in sys.path:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from ardiff import attention as attention_lib  # noqa: E402
 from ardiff import masks  # noqa: E402

@@ -419,7 +419,7 @@ def _tpu_dkv_kernel(q_idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config):
 def _tpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
   meta = cfg.meta
   b, h, tp, d = q.shape
-  kvh, sp = k.shape[1], k.shape[2]
+  kvh = k.shape[1]
   bq, bk, g = cfg.block_q, cfg.block_kv, cfg.groups
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [b, h, Tp]
   interp = cfg.interpret_arg

@@ -487,7 +487,8 @@ def write_kv(k_cache, v_cache, k_new, v_new, *, positions, backend: Optional[str
   Only the ``T`` new rows per batch row move: on TPU two HBM->HBM DMAs per row, no VMEM round trip.
 
   ``positions`` start indices are clamped to ``[0, max_len - T]`` (as in the reference :func:`write_kv_reference`;
-  negative starts clamp to 0, they do not wrap around). GPU (Triton) needs ``T``, ``kv_heads`` and ``head_dim`` powers of two.
+  negative starts clamp to 0, they do not wrap around). GPU (Triton) needs ``T``, ``kv_heads`` and ``head_dim``
+  powers of two.
 
   Returns ``(k_cache, v_cache)``.
   """

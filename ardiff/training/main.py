@@ -119,9 +119,9 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_afte
       if metrics.get("nonfinite", 0.0):
         ckpt.save(micro, state, data_iter=train_iter, config_dict=exp.raw.to_dict(), force=True)
         ckpt.wait()
-        raise train_state_lib.NonFiniteError(f"step {done}: non-finite loss or gradient (loss={metrics.get('loss')}); the "
-                                 f"state before this step is saved in {ckpt.directory}. Lower "
-                                 "optimizer.learning_rate or check the data.")
+        raise train_state_lib.NonFiniteError(
+            f"step {done}: non-finite loss or gradient (loss={metrics.get('loss')}); the state before this step is "
+            f"saved in {ckpt.directory}. Lower optimizer.learning_rate or check the data.")
       now = time.time()  # throughput over the logging window, so the first window's compile time washes out
       metrics["tokens_per_s"] = tokens_per_step * (done - last_logged) / max(now - t0, 1e-9)
       t0, last_logged = now, done
