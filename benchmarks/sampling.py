@@ -108,6 +108,41 @@ def _load_models(args):
   return out
 
 
+def _block_confidence(models, thresholds, data_cfg, batch_size=8):
+  """name -> (mean top-1 probability, fraction >= each threshold) per block position, [B] and [len(τ), B].
+
+  What a parallel-unmasking rule sees at a block's first step: the block all-[MASK] after a clean prefix. Positions
+  other than the first rarely pass τ when the model is unsure beyond the next token, and then thresholds commit one
+  token per forward whatever τ is. Measured on one validation batch, every block of it in turn.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from ardiff import data as data_lib
+  from ardiff import masks as masks_lib
+  from ardiff.sampling.common import remove_mask_logit
+
+  out = {}
+  for name, (model, params, objective) in models.items():
+    if objective.kind != "block_diffusion":
+      continue
+    bs, mask_id = objective.block_size, model.config.mask_token_id
+    ds, _ = data_lib.make_dataset(data_cfg, data_cfg.eval_split, seed=0, batch_size=batch_size, shuffle=False,
+                                  num_epochs=1)
+    tokens = jnp.asarray(next(iter(ds))["tokens"])
+    fwd = jax.jit(lambda p_, t: model.apply({"params": p_}, t, mask=masks_lib.BlockCausal(bs)).logits)
+    maxp = []
+    for blk in range(1, tokens.shape[1] // bs):  # block 0 has no clean prefix to condition on
+      start = blk * bs
+      logits = remove_mask_logit(fwd(params, tokens.at[:, start:start + bs].set(mask_id)), mask_id)
+      pred = logits[:, start - 1:start + bs - 1] if objective.token_shift else logits[:, start:start + bs]
+      maxp.append(np.asarray(jax.nn.softmax(pred, -1).max(-1)))
+    maxp = np.concatenate(maxp, axis=0)  # [batch * blocks, B]
+    out[name] = (maxp.mean(0), np.stack([(maxp >= t).mean(0) for t in thresholds]))
+  return out
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--runs_root", default=os.path.join(ROOT, "runs", "bench_sampling"))
@@ -219,10 +254,22 @@ def main(argv=None) -> int:
                tokens_per_forward=float(row["lengths"].mean() / row["nfe"]))
     print(f"| {row['name']:<42} | {tps:9.1f} | {tps / ar_tps:5.2f} | {row['tokens_per_forward']:7.2f} | "
           f"{row['nfe']:4d} | {row['gen_ppl']:7.2f} | {row['entropy']:7.2f} | {row['notes']}")
+
+  taus = [float(x) for x in args.thresholds.split(",")]
+  confidence = _block_confidence(models, taus, _configs(args)["ar"].data)
+  print("\nBlock-diffusion confidence at a block's first step (all-[MASK] block after a clean validation prefix):"
+        " mean top-1 probability per block position, and the fraction of positions at or above each threshold")
+  for name, (mean_p, frac) in confidence.items():
+    print(f"  {name:<5} top-1 p  " + " ".join(f"{x:.2f}" for x in mean_p))
+    for tau, f in zip(taus, frac):
+      print(f"  {'':<5} p >= {tau:<4}" + " ".join(f"{x:.2f}" for x in f))
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"device": jax.devices()[0].device_kind, "source": source, "args": vars(args),
-                 "rows": [{k: v for k, v in row.items() if k not in ("tokens", "lengths")} for row in rows]},
+                 "rows": [{k: v for k, v in row.items() if k not in ("tokens", "lengths")} for row in rows],
+                 "block_confidence": {k: {"mean_top1": m.tolist(), "frac_at_or_above": dict(zip(map(str, taus),
+                                                                                              f.tolist()))}
+                                      for k, (m, f) in confidence.items()}},
                 f, indent=2)
   return 0
 
