@@ -2,7 +2,8 @@
 thresholds, fused vs separate clean-block K/V writes), TiDAR draft+verify and speculative decoding.
 
     python benchmarks/sampling.py                        # trains the tiny byte-level models it needs (once, into
-                                                         # runs/bench_sampling/), then measures (~1 h on 2 CPU cores)
+                                                         # runs/bench_sampling/, ~2 h on 2 CPU cores), then measures
+                                                         # (~15 min); measured numbers: docs/sampling.md
     python benchmarks/sampling.py --batch 1              # one sequence at a time (latency, no slowest-row effect)
     python benchmarks/sampling.py --random               # randomly initialised models: mechanics only (said so)
 
