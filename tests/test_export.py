@@ -125,6 +125,33 @@ def test_export_block_diffusion_metadata_and_tokenizer(tmp_path):
   assert hf_cfg["eos_token_id"] == 2 and os.path.exists(os.path.join(out, "tokenizer.json"))
   cfg2, _ = hf_lib.import_hf(out)
   assert cfg2.mask_token_id == 49
+  assert json.load(open(os.path.join(out, "generation_config.json"))) == {"eos_token_id": 2, "suppress_tokens": [49]}
+  # A source generation config is kept, with [MASK] added to its suppressed tokens.
+  src = tmp_path / "generation_config.json"
+  src.write_text(json.dumps({"eos_token_id": 2, "do_sample": True, "suppress_tokens": [7]}))
+  out = hf_lib.export_hf(params, cfg, tmp_path / "hf2", tokenizer_files=[str(src)])
+  assert json.load(open(os.path.join(out, "generation_config.json"))) == {
+      "eos_token_id": 2, "do_sample": True, "suppress_tokens": [7, 49]}
+
+
+def test_transformers_generate_never_emits_mask(tmp_path):
+  """The exported generation config keeps [MASK] out of `transformers`' AR generate, even where it is the argmax."""
+  cfg = ModelConfig(vocab_size=50, embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
+                    mask_token_id=49, init_std=0.1)
+  params = init_params(cfg, jax.random.key(0))
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, 49].set(0.0)
+  params["norm"]["weight"] = params["norm"]["weight"] * 0.0 + 1.0
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[0, 49].set(100.0)  # [MASK] wins whenever h_0 > ~0
+  prompt = np.array([[1, 2, 3]], np.int32)
+  out = hf_lib.export_hf(params, cfg, tmp_path / "hf")
+  torch, _ = _torch()
+  model = _load_hf(out)
+  raw = _hf_logits(model, prompt)[0, -1]
+  assert int(np.argmax(raw)) == 49, "the test needs [MASK] to be the raw argmax"
+  with torch.no_grad():
+    gen = model.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=6, do_sample=False)
+  new = gen[0, prompt.shape[1]:].tolist()
+  assert len(new) >= 1 and 49 not in new, new
 
 
 def test_sharded_import_equals_unsharded(tmp_path):

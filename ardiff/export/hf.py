@@ -438,7 +438,8 @@ def export_hf(params: Mapping, cfg: ModelConfig, out_dir: str, *, tokenizer_file
   ``"ardiff"`` entry (e.g. ``{"block_size": 4, "mask_token_id": 258, "decoding": {...}}``) is kept under
   ``config["ardiff"]`` (``mask_token_id`` defaults to ``cfg.mask_token_id``). ``tokenizer_files``: paths of files
   (or ``(path, name)`` to rename the copy), or directories whose known tokenizer files (``tokenizer.json``, ...)
-  are copied. The directory appears only
+  are copied; a ``generation_config.json`` among them is merged with ours (:func:`_generation_config`: [MASK] in
+  ``suppress_tokens``). The directory appears only
   when everything is written (:func:`ardiff.export.io.staged_output`); a non-empty ``out_dir`` is refused unless
   ``overwrite``. Returns ``out_dir``.
   """
@@ -464,10 +465,34 @@ def export_hf(params: Mapping, cfg: ModelConfig, out_dir: str, *, tokenizer_file
   params_lib.check_params_match(params, cfg.replace(scan_layers="layers" in params))
   hf_config = config_to_hf(cfg, max_position_embeddings=max_position_embeddings, extra_config=extra_config)
   tensors = params_to_hf_tensors(params, cfg)
+  generation = _generation_config(cfg, hf_config, [src for src, name in copies if name == "generation_config.json"])
+  copies = [(src, name) for src, name in copies if name != "generation_config.json"]
   with io_lib.staged_output(out_dir, overwrite=overwrite) as tmp:
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=2)
+    if generation is not None:
+      with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump(generation, f, indent=2)
     for src, name in copies:
       shutil.copy(src, os.path.join(tmp, name))
   return out_dir
+
+
+def _generation_config(cfg: ModelConfig, hf_config: Mapping[str, Any], sources: list) -> Optional[dict]:
+  """``generation_config.json`` for the export: the source's (if one is copied) with [MASK] in ``suppress_tokens``.
+
+  A model with a [MASK] row would otherwise let ``transformers``' AR ``generate`` emit [MASK], a token it was never
+  trained to predict as a next token. None when there is neither a mask token nor a source file.
+  """
+  generation = None
+  if sources:
+    with open(sources[-1]) as f:
+      generation = json.load(f)
+  if cfg.mask_token_id is None:
+    return generation
+  generation = dict(generation or {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                                   if hf_config.get(k) is not None})
+  suppress = list(generation.get("suppress_tokens") or [])
+  generation["suppress_tokens"] = suppress + ([cfg.mask_token_id] if cfg.mask_token_id not in suppress else [])
+  return generation
