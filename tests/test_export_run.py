@@ -208,7 +208,8 @@ def test_populated_output_is_refused_before_writing(tmp_path, run):
     convert.convert_run_to_block_diffusion(run_dir, str(out), block_size=4)
   assert sorted(os.listdir(out)) == ["config.json", "stale.bin"] and (out / "config.json").read_text() == "{}"
   export_main.main(["ardiff export", "--run_dir", run_dir, "--to", "hf", "--out", str(out), "--overwrite"])
-  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]  # replaced as a whole: no stale files
+  # replaced as a whole: no stale files
+  assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
   src = tmp_path / "src"
   src.mkdir()
   (src / "main.py").write_text("")
