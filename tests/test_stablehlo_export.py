@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -278,6 +279,13 @@ def test_corrupt_artifacts(ar_dir, tmp_path):
                                                                   sha256=hashlib.sha256(garbage).hexdigest()))
   with pytest.raises(ValueError, match=r"ar_step\.stablehlo could not be deserialized"):
     shlo.load_serving(d)
+
+
+def test_block_prefill_rejects_unaligned_lengths(params, bd):
+  prompt, _ = _prompt(np.random.default_rng(6), 2, BD["prompt_len"], [8, 4])
+  for lengths in ([8, 5], [0, 4]):
+    with pytest.raises(ValueError, match=re.escape(f"positive multiples of the block size 4, got {lengths}")):
+      bd.call("prefill", params, prompt, np.asarray(lengths, np.int32))
 
 
 def test_wrong_params_are_named(params, ar, ar_dir, tmp_path):

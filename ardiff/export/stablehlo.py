@@ -24,10 +24,11 @@ Step functions (``V`` vocab, ``P`` = ``prompt_len``, ``B`` = ``block_size``; all
   lengths + B)``: commits a clean block.
 
 AR exports (``block_size=None``) hold ``prefill`` (Causal mask) and ``ar_step``. Block-diffusion exports hold all
-four; their ``prefill`` uses ``BlockCausal(B)`` like the block sampler, so prompt ``lengths`` must be positive multiples
-of B (not checkable inside the graph: other lengths give inexact logits, no error) and ``last_logits`` there is the
-clean-token logit at ``lengths - 1``, which the block sampler ignores. ``ar_step`` attends causally for any mask (a
-single query never sees keys past itself), but after it the lengths are no longer block-aligned.
+four; their ``prefill`` uses ``BlockCausal(B)`` like the block sampler, so prompt ``lengths`` must be positive
+multiples of B (the graph cannot check it and would give inexact logits; :meth:`Serving.call` checks concrete lengths)
+and ``last_logits`` there is the clean-token logit at ``lengths - 1``, which the block sampler ignores. ``ar_step``
+attends causally for any mask (a single query never sees keys past itself), but after it the lengths are no longer
+block-aligned.
 
 Batch is the symbolic dimension ``b`` (``jax.export.symbolic_shape``); ``P``, ``B`` and ``max_len`` are static. A
 function whose symbolic export fails is re-exported with the static ``batch`` and a warning, and its manifest entry
@@ -47,6 +48,7 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ardiff import masks as masks_lib
 from ardiff.config import ModelConfig
@@ -222,10 +224,22 @@ class Serving(NamedTuple):
   manifest: dict
 
   def call(self, name: str, params, *args):
-    """``exported[name].call(params, *args)`` after :func:`check_params` (a clear error for a wrong tree)."""
+    """``exported[name].call(params, *args)`` after :func:`check_params` (a clear error for a wrong tree).
+
+    A block-diffusion ``prefill`` also checks concrete ``lengths`` here: the graph cannot, and lengths that are not
+    multiples of B would give inexact logits silently.
+    """
     if name not in self.exported:
       raise KeyError(f"no step function {name!r} in this export; it has {sorted(self.exported)}.")
     check_params(params, self.manifest)
+    bs = self.manifest.get("block_size")
+    if name == "prefill" and bs and len(args) == 2 and not isinstance(args[1], jax.core.Tracer):
+      lengths = np.asarray(args[1])
+      if np.any(lengths < 1) or np.any(lengths % bs):
+        raise ValueError(f"block-diffusion prefill needs prompt lengths that are positive multiples of the block "
+                         f"size {bs}, got {lengths.tolist()}: prefill the whole blocks and put the partial last "
+                         f"block's tokens into the first denoise block (as ardiff.sampling.sample_block_diffusion "
+                         f"does).")
     return self.exported[name].call(_plain(params), *args)
 
 
