@@ -293,7 +293,9 @@ def test_tpu_compiles_debug_counter():
                     check_vma=False)
   sh = NamedSharding(mesh, P("data"))
   spec = jax.ShapeDtypeStruct((n, 256, 2, 128), jnp.float32, sharding=sh)
-  jax.jit(f).lower(spec, spec, spec).compile()
+  out, visits = jax.eval_shape(f, spec, spec, spec)
+  assert out.shape == spec.shape and jnp.issubdtype(visits.dtype, jnp.integer), (out, visits)
+  assert "block_sparse_attention_fwd_tpu" in jax.jit(f).lower(spec, spec, spec).compile().as_text()
 
 
 @pytest.mark.parametrize("segmented", [False, True])
