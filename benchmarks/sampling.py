@@ -124,14 +124,14 @@ def _block_confidence(models, thresholds, data_cfg, batch_size=8):
   from ardiff import masks as masks_lib
   from ardiff.sampling.common import remove_mask_logit
 
+  ds, _ = data_lib.make_dataset(data_cfg, data_cfg.eval_split, seed=0, batch_size=batch_size, shuffle=False,
+                                num_epochs=1)
+  tokens = jnp.asarray(next(iter(ds))["tokens"])
   out = {}
   for name, (model, params, objective) in models.items():
     if objective.kind != "block_diffusion":
       continue
     bs, mask_id = objective.block_size, model.config.mask_token_id
-    ds, _ = data_lib.make_dataset(data_cfg, data_cfg.eval_split, seed=0, batch_size=batch_size, shuffle=False,
-                                  num_epochs=1)
-    tokens = jnp.asarray(next(iter(ds))["tokens"])
     fwd = jax.jit(lambda p_, t: model.apply({"params": p_}, t, mask=masks_lib.BlockCausal(bs)).logits)
     maxp = []
     for blk in range(1, tokens.shape[1] // bs):  # block 0 has no clean prefix to condition on
