@@ -32,13 +32,16 @@ and a dK/dV kernel (GQA: the dK/dV kernel reduces over the query heads of its kv
 ``interpret=True`` runs the chosen backend's kernel in an interpreter on any host: TPU → ``pltpu.InterpretParams()``
 (or pass an instance), GPU → generic Pallas interpret. ``debug_counter=True`` returns ``(out, visits)`` where
 ``visits[b, h, q_tile]`` counts the kv tiles the forward kernel actually computed.
+
+This module holds the API, validation, the TPU kernels, the ``custom_vjp`` and the reference;
+:mod:`kernels_pallas._block_sparse_gpu` the GPU kernels and :mod:`kernels_pallas._block_sparse_common` the
+configuration and tile math both share.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,50 +49,18 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 
 from ardiff import attention as attention_lib
 from ardiff import masks as masks_lib
 from kernels_pallas import block_sparse_metadata as meta_lib
 from kernels_pallas.block_sparse_metadata import MASKED, UNMASKED
-
-NEG_INF = -1e30      # finite: fully masked rows never produce inf - inf
-EMPTY_ROW_LSE = 1e30  # logsumexp stored for rows with no allowed key: exp(s - lse) == 0 in the backward
-BACKENDS = ("tpu", "gpu")
-DEFAULT_BLOCKS = {"tpu": 128, "gpu": 64}
-_NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
+from kernels_pallas._block_sparse_common import (NEG_INF, BACKENDS, DEFAULT_BLOCKS, _NT, _Config,
+                                                 _scores, _online_softmax_step, _finalize, _probs, _allowed, _cost)
+from kernels_pallas._block_sparse_gpu import _gpu_bwd, _gpu_fwd
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Configuration and validation.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  mask: masks_lib.Mask
-  q_len: int
-  kv_len: int
-  block_q: int
-  block_kv: int
-  groups: int
-  sm_scale: float
-  logit_soft_cap: Optional[float]
-  backend: str
-  interpret: Any  # False | True | pltpu.InterpretParams
-  table: bool
-  segments: bool
-
-  @property
-  def meta(self) -> meta_lib.BlockSparseMetadata:
-    return meta_lib.build_metadata(self.mask, self.q_len, self.kv_len, self.block_q, self.block_kv, self.table)
-
-  @property
-  def interpret_arg(self):
-    if not self.interpret:
-      return False
-    if self.backend == "tpu":
-      return self.interpret if isinstance(self.interpret, pltpu.InterpretParams) else pltpu.InterpretParams()
-    return True
+# Validation.
 
 
 def _resolve_backend(backend: Optional[str], interpret) -> str:
@@ -170,66 +141,6 @@ def _validate(q, k, v, q_segment_ids, kv_segment_ids, mask, sm_scale, logit_soft
   if sm_scale is not None and not isinstance(sm_scale, (int, float)):
     raise ValueError(f"sm_scale must be a Python float (static), got {type(sm_scale).__name__}.")
 
-
-# ------------------------------------------------------------------------------------------------------------------
-# Tile math shared by both backends. Shapes: s is [rows, cols] f32.
-
-
-def _scores(a, b, cfg: _Config):
-  """``a @ b.T * scale`` in f32 with the optional soft cap; returns (capped scores, d capped / d raw or None)."""
-  s = lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32) * cfg.sm_scale
-  if cfg.logit_soft_cap is None:
-    return s, None
-  t = jnp.tanh(s / cfg.logit_soft_cap)
-  return cfg.logit_soft_cap * t, 1.0 - t * t
-
-
-def _online_softmax_step(s, allowed, v, m_prev, l_prev, acc_prev):
-  if allowed is not None:
-    s = jnp.where(allowed, s, NEG_INF)
-  m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
-  p = jnp.exp(s - m_new)
-  if allowed is not None:
-    p = jnp.where(allowed, p, 0.0)
-  alpha = jnp.exp(m_prev - m_new)
-  l_new = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
-  acc_new = alpha * acc_prev + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return m_new, l_new, acc_new
-
-
-def _finalize(l, m, acc):
-  empty = l == 0.0
-  o = acc / jnp.where(empty, 1.0, l)
-  lse = jnp.where(empty, EMPTY_ROW_LSE, m + jnp.log(jnp.where(empty, 1.0, l)))
-  return o, lse
-
-
-def _probs(s, lse, allowed):
-  p = jnp.exp(s - lse)
-  return p if allowed is None else jnp.where(allowed, p, 0.0)
-
-
-def _allowed(cfg: _Config, q_abs, k_abs, tbl, qseg, kseg, masked):
-  """Elementwise allowed for one tile; ``masked`` False → only the packing term (or None)."""
-  allowed = None
-  if masked:
-    if cfg.table:
-      allowed = tbl != 0
-    else:
-      allowed = (q_abs < cfg.q_len) & (k_abs < cfg.kv_len) & cfg.mask.predicate(q_abs, k_abs)
-  if cfg.segments:
-    seg = masks_lib.segment_predicate(qseg, kseg)
-    allowed = seg if allowed is None else allowed & seg
-  return allowed
-
-
-def _cost(cfg: _Config, b, h, d, itemsize, pass_: str) -> pl.CostEstimate:
-  tiles = cfg.meta.num_nonempty
-  elems = b * h * tiles * cfg.block_q * cfg.block_kv
-  mm = {"fwd": 2, "dq": 3, "dkv": 4}[pass_]
-  tq, tk = cfg.meta.padded_q_len, cfg.meta.padded_kv_len
-  nbytes = itemsize * b * h * d * (2 * tq + 2 * tk * (cfg.meta.fwd_width if pass_ != "dkv" else 1))
-  return pl.CostEstimate(flops=2 * mm * elems * d, transcendentals=elems, bytes_accessed=int(nbytes))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -484,226 +395,6 @@ def _tpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
     jnp.asarray(meta.dkv_block_id), *operands)
   return dq, dk, dv
 
-
-# ------------------------------------------------------------------------------------------------------------------
-# GPU (Triton) kernels: one program per (batch, head, tile); a fori_loop over the listed tiles.
-
-
-def _gpu_parse(refs, cfg: _Config, n_main: int):
-  refs = list(refs)
-  main, rest = refs[:n_main], refs[n_main:]
-  qseg_ref = kseg_ref = tbl_ref = None
-  if cfg.segments:
-    qseg_ref, kseg_ref, rest = rest[0], rest[1], rest[2:]
-  if cfg.table:
-    tbl_ref, rest = rest[0], rest[1:]
-  return main, qseg_ref, kseg_ref, tbl_ref, rest
-
-
-def _gpu_allowed(cfg, kind, q_abs, k_abs, tbl, qseg, kseg):
-  # One code path for both tile kinds (no branch): UNMASKED tiles short-circuit the predicate with `kind`.
-  allowed = _allowed(cfg, q_abs, k_abs, tbl, qseg, kseg, True)
-  if cfg.segments:
-    return allowed | ((kind == UNMASKED) & masks_lib.segment_predicate(qseg, kseg))
-  return allowed | (kind == UNMASKED)
-
-
-def _gpu_fwd_kernel(idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config, counter: bool):
-  (q_ref, k_ref, v_ref), qseg_ref, kseg_ref, tbl_ref, rest = _gpu_parse(refs, cfg, 3)
-  o_ref, lse_ref = rest[0], rest[1]
-  qi = pl.program_id(2)
-  bq, bk = cfg.block_q, cfg.block_kv
-  q = q_ref[...]
-  q_abs = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-  qseg = qseg_ref[...][:, None] if cfg.segments else None
-
-  def body(t, carry):
-    m, l, acc = carry
-    kt = idx_ref[qi, t]
-    start = pl.multiple_of(kt * bk, bk)
-    k_abs = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-    tbl = tbl_ref[blk_ref[qi, t]] if cfg.table else None
-    kseg = kseg_ref[pl.ds(start, bk)][None, :] if cfg.segments else None
-    allowed = _gpu_allowed(cfg, kind_ref[qi, t], q_abs, k_abs, tbl, qseg, kseg)
-    s, _ = _scores(q, k_ref[pl.ds(start, bk), :], cfg)
-    return _online_softmax_step(s, allowed, v_ref[pl.ds(start, bk), :], m, l, acc)
-
-  count = cnt_ref[qi]
-  init = (jnp.full((bq, 1), NEG_INF, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
-          jnp.zeros(q.shape, jnp.float32))
-  m, l, acc = lax.fori_loop(0, count, body, init)
-  o, lse = _finalize(l, m, acc)
-  o_ref[...] = o.astype(o_ref.dtype)
-  lse_ref[...] = lse[:, 0]
-  if counter:
-    rest[2][...] = jnp.full((1,), count, jnp.int32)  # the loop ran exactly `count` tile steps
-
-
-def _gpu_params():
-  return pltriton.CompilerParams(num_warps=4, num_stages=2)
-
-
-def _gpu_meta_specs(shape_list):
-  return [pl.BlockSpec(s, (lambda *args, _n=len(s): (0,) * _n)) for s in shape_list]
-
-
-def _gpu_fwd(cfg: _Config, q, k, v, qseg, kseg, counter: bool):
-  meta = cfg.meta
-  b, h, tp, d = q.shape
-  sp = k.shape[2]
-  bq, bk, g = cfg.block_q, cfg.block_kv, cfg.groups
-  nq = meta.num_q_tiles
-  mets = [meta.fwd_kv_index, meta.fwd_kind, meta.fwd_count, meta.fwd_block_id]
-  in_specs = _gpu_meta_specs([m.shape for m in mets]) + [
-      pl.BlockSpec((None, None, bq, d), lambda bi, hi, qi: (bi, hi, qi, 0)),
-      pl.BlockSpec((None, None, sp, d), lambda bi, hi, qi: (bi, hi // g, 0, 0)),
-      pl.BlockSpec((None, None, sp, d), lambda bi, hi, qi: (bi, hi // g, 0, 0))]
-  operands = [jnp.asarray(m) for m in mets] + [q, k, v]
-  if cfg.segments:
-    in_specs += [pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
-                 pl.BlockSpec((None, sp), lambda bi, hi, qi: (bi, 0))]
-    operands += [qseg, kseg]
-  if cfg.table:
-    in_specs += _gpu_meta_specs([meta.partial_blocks.shape])
-    operands.append(jnp.asarray(meta.partial_blocks))
-  out_specs = [pl.BlockSpec((None, None, bq, d), lambda bi, hi, qi: (bi, hi, qi, 0)),
-               pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi))]
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
-  if counter:
-    out_specs.append(pl.BlockSpec((None, None, 1), lambda bi, hi, qi: (bi, hi, qi)))
-    out_shape.append(jax.ShapeDtypeStruct((b, h, nq), jnp.int32))
-  outs = pl.pallas_call(
-      functools.partial(_gpu_fwd_kernel, cfg=cfg, counter=counter), grid=(b, h, nq), in_specs=in_specs,
-      out_specs=out_specs, out_shape=out_shape, compiler_params=_gpu_params(),
-      cost_estimate=_cost(cfg, b, h, d, q.dtype.itemsize, "fwd"), interpret=cfg.interpret_arg,
-      name=f"block_sparse_attention_fwd_gpu_bq{bq}_bk{bk}",
-  )(*operands)
-  return (outs[0], outs[1], outs[2]) if counter else (outs[0], outs[1], None)
-
-
-def _gpu_dq_kernel(idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config):
-  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qseg_ref, kseg_ref, tbl_ref, rest = _gpu_parse(refs, cfg, 6)
-  (dq_ref,) = rest
-  qi = pl.program_id(2)
-  bq, bk = cfg.block_q, cfg.block_kv
-  q, do = q_ref[...], do_ref[...]
-  lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
-  q_abs = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-  qseg = qseg_ref[...][:, None] if cfg.segments else None
-
-  def body(t, dq):
-    start = pl.multiple_of(idx_ref[qi, t] * bk, bk)
-    k_abs = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-    tbl = tbl_ref[blk_ref[qi, t]] if cfg.table else None
-    kseg = kseg_ref[pl.ds(start, bk)][None, :] if cfg.segments else None
-    allowed = _gpu_allowed(cfg, kind_ref[qi, t], q_abs, k_abs, tbl, qseg, kseg)
-    k = k_ref[pl.ds(start, bk), :]
-    s, dcap = _scores(q, k, cfg)
-    p = _probs(s, lse, allowed)
-    dp = lax.dot_general(do, v_ref[pl.ds(start, bk), :], _NT, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta)
-    if dcap is not None:
-      ds = ds * dcap
-    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
-
-  dq = lax.fori_loop(0, cnt_ref[qi], body, jnp.zeros(q.shape, jnp.float32))
-  dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
-
-
-def _gpu_dkv_kernel(idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config):
-  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qseg_ref, kseg_ref, tbl_ref, rest = _gpu_parse(refs, cfg, 6)
-  dk_ref, dv_ref = rest
-  ki = pl.program_id(2)
-  bq, bk = cfg.block_q, cfg.block_kv
-  k, v = k_ref[...], v_ref[...]
-  k_abs = ki * bk + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
-  kseg = kseg_ref[...][:, None] if cfg.segments else None
-
-  def body_for_head(gi):
-    def body(t, carry):
-      dk, dv = carry
-      start = pl.multiple_of(idx_ref[ki, t] * bq, bq)
-      q_abs = start + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
-      tbl = tbl_ref[blk_ref[ki, t]] if cfg.table else None
-      qseg = qseg_ref[pl.ds(start, bq)][None, :] if cfg.segments else None
-      allowed = _gpu_allowed(cfg, kind_ref[ki, t], q_abs, k_abs, tbl, qseg, kseg)
-      q = q_ref[gi, pl.ds(start, bq), :]
-      do = do_ref[gi, pl.ds(start, bq), :]
-      s, dcap = _scores(k, q, cfg)  # transposed [bk, bq]
-      p = _probs(s, lse_ref[gi, pl.ds(start, bq)][None, :], allowed)
-      dv = dv + jnp.dot(p.astype(do.dtype), do, preferred_element_type=jnp.float32)
-      dp = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
-      ds = p * (dp - delta_ref[gi, pl.ds(start, bq)][None, :])
-      if dcap is not None:
-        ds = ds * dcap
-      dk = dk + jnp.dot(ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
-      return dk, dv
-    return body
-
-  carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-  for gi in range(cfg.groups):  # static: the query heads that share this kv head
-    carry = lax.fori_loop(0, cnt_ref[ki], body_for_head(gi), carry)
-  dk, dv = carry
-  dk_ref[...] = (dk * cfg.sm_scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def _gpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
-  meta = cfg.meta
-  b, h, tp, d = q.shape
-  kvh, sp = k.shape[1], k.shape[2]
-  bq, bk, g = cfg.block_q, cfg.block_kv, cfg.groups
-  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-  itemsize = q.dtype.itemsize
-
-  mets = [meta.fwd_kv_index, meta.fwd_kind, meta.fwd_count, meta.fwd_block_id]
-  qb = lambda bi, hi, qi: (bi, hi, qi, 0)
-  kvb = lambda bi, hi, qi: (bi, hi // g, 0, 0)
-  in_specs = _gpu_meta_specs([m.shape for m in mets]) + [
-      pl.BlockSpec((None, None, bq, d), qb), pl.BlockSpec((None, None, sp, d), kvb),
-      pl.BlockSpec((None, None, sp, d), kvb), pl.BlockSpec((None, None, bq, d), qb),
-      pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)),
-      pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi))]
-  operands = [jnp.asarray(m) for m in mets] + [q, k, v, do, lse, delta]
-  if cfg.segments:
-    in_specs += [pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
-                 pl.BlockSpec((None, sp), lambda bi, hi, qi: (bi, 0))]
-    operands += [qseg, kseg]
-  if cfg.table:
-    in_specs += _gpu_meta_specs([meta.partial_blocks.shape])
-    operands.append(jnp.asarray(meta.partial_blocks))
-  dq = pl.pallas_call(
-      functools.partial(_gpu_dq_kernel, cfg=cfg), grid=(b, h, meta.num_q_tiles), in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, None, bq, d), qb), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_gpu_params(), cost_estimate=_cost(cfg, b, h, d, itemsize, "dq"),
-      interpret=cfg.interpret_arg, name=f"block_sparse_attention_dq_gpu_bq{bq}_bk{bk}",
-  )(*operands)
-
-  mets = [meta.dkv_q_index, meta.dkv_kind, meta.dkv_count, meta.dkv_block_id]
-  grp = lambda bi, kh, ki: (bi, kh, 0, 0)   # the g query heads of kv head kh (block index in units of g)
-  kb = lambda bi, kh, ki: (bi, kh, ki, 0)
-  in_specs = _gpu_meta_specs([m.shape for m in mets]) + [
-      pl.BlockSpec((None, g, tp, d), grp), pl.BlockSpec((None, None, bk, d), kb),
-      pl.BlockSpec((None, None, bk, d), kb), pl.BlockSpec((None, g, tp, d), grp),
-      pl.BlockSpec((None, g, tp), lambda bi, kh, ki: (bi, kh, 0)),
-      pl.BlockSpec((None, g, tp), lambda bi, kh, ki: (bi, kh, 0))]
-  operands = [jnp.asarray(m) for m in mets] + [q, k, v, do, lse, delta]
-  if cfg.segments:
-    in_specs += [pl.BlockSpec((None, tp), lambda bi, kh, ki: (bi, 0)),
-                 pl.BlockSpec((None, bk), lambda bi, kh, ki: (bi, ki))]
-    operands += [qseg, kseg]
-  if cfg.table:
-    pt = np.ascontiguousarray(meta.partial_blocks.transpose(0, 2, 1))
-    in_specs += _gpu_meta_specs([pt.shape])
-    operands.append(jnp.asarray(pt))
-  dk, dv = pl.pallas_call(
-      functools.partial(_gpu_dkv_kernel, cfg=cfg), grid=(b, kvh, meta.num_kv_tiles), in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, None, bk, d), kb)] * 2,
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_gpu_params(), cost_estimate=_cost(cfg, b, h, d, itemsize, "dkv"),
-      interpret=cfg.interpret_arg, name=f"block_sparse_attention_dkv_gpu_bq{bq}_bk{bk}",
-  )(*operands)
-  return dq, dk, dv
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""What the TPU and GPU kernels of :mod:`kernels_pallas.block_sparse_attention` share: constants, the static
+kernel configuration and the tile math (f32 scores with the optional soft cap, the online-softmax step, the
+finalize that stores ``+1e30`` as the logsumexp of rows with no allowed key, probabilities, the elementwise
+allowed mask of one tile, the cost estimate)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from ardiff import masks as masks_lib
+from kernels_pallas import block_sparse_metadata as meta_lib
+
+NEG_INF = -1e30      # finite: fully masked rows never produce inf - inf
+EMPTY_ROW_LSE = 1e30  # logsumexp stored for rows with no allowed key: exp(s - lse) == 0 in the backward
+BACKENDS = ("tpu", "gpu")
+DEFAULT_BLOCKS = {"tpu": 128, "gpu": 64}
+_NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Static configuration of one call.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  mask: masks_lib.Mask
+  q_len: int
+  kv_len: int
+  block_q: int
+  block_kv: int
+  groups: int
+  sm_scale: float
+  logit_soft_cap: Optional[float]
+  backend: str
+  interpret: Any  # False | True | pltpu.InterpretParams
+  table: bool
+  segments: bool
+
+  @property
+  def meta(self) -> meta_lib.BlockSparseMetadata:
+    return meta_lib.build_metadata(self.mask, self.q_len, self.kv_len, self.block_q, self.block_kv, self.table)
+
+  @property
+  def interpret_arg(self):
+    if not self.interpret:
+      return False
+    if self.backend == "tpu":
+      return self.interpret if isinstance(self.interpret, pltpu.InterpretParams) else pltpu.InterpretParams()
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Tile math shared by both backends. Shapes: s is [rows, cols] f32.
+
+
+def _scores(a, b, cfg: _Config):
+  """``a @ b.T * scale`` in f32 with the optional soft cap; returns (capped scores, d capped / d raw or None)."""
+  s = lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32) * cfg.sm_scale
+  if cfg.logit_soft_cap is None:
+    return s, None
+  t = jnp.tanh(s / cfg.logit_soft_cap)
+  return cfg.logit_soft_cap * t, 1.0 - t * t
+
+
+def _online_softmax_step(s, allowed, v, m_prev, l_prev, acc_prev):
+  if allowed is not None:
+    s = jnp.where(allowed, s, NEG_INF)
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+  p = jnp.exp(s - m_new)
+  if allowed is not None:
+    p = jnp.where(allowed, p, 0.0)
+  alpha = jnp.exp(m_prev - m_new)
+  l_new = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
+  acc_new = alpha * acc_prev + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return m_new, l_new, acc_new
+
+
+def _finalize(l, m, acc):
+  empty = l == 0.0
+  o = acc / jnp.where(empty, 1.0, l)
+  lse = jnp.where(empty, EMPTY_ROW_LSE, m + jnp.log(jnp.where(empty, 1.0, l)))
+  return o, lse
+
+
+def _probs(s, lse, allowed):
+  p = jnp.exp(s - lse)
+  return p if allowed is None else jnp.where(allowed, p, 0.0)
+
+
+def _allowed(cfg: _Config, q_abs, k_abs, tbl, qseg, kseg, masked):
+  """Elementwise allowed for one tile; ``masked`` False → only the packing term (or None)."""
+  allowed = None
+  if masked:
+    if cfg.table:
+      allowed = tbl != 0
+    else:
+      allowed = (q_abs < cfg.q_len) & (k_abs < cfg.kv_len) & cfg.mask.predicate(q_abs, k_abs)
+  if cfg.segments:
+    seg = masks_lib.segment_predicate(qseg, kseg)
+    allowed = seg if allowed is None else allowed & seg
+  return allowed
+
+
+def _cost(cfg: _Config, b, h, d, itemsize, pass_: str) -> pl.CostEstimate:
+  tiles = cfg.meta.num_nonempty
+  elems = b * h * tiles * cfg.block_q * cfg.block_kv
+  mm = {"fwd": 2, "dq": 3, "dkv": 4}[pass_]
+  tq, tk = cfg.meta.padded_q_len, cfg.meta.padded_kv_len
+  nbytes = itemsize * b * h * d * (2 * tq + 2 * tk * (cfg.meta.fwd_width if pass_ != "dkv" else 1))
+  return pl.CostEstimate(flops=2 * mm * elems * d, transcendentals=elems, bytes_accessed=int(nbytes))
