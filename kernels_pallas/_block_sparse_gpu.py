@@ -85,6 +85,20 @@ def _gpu_meta_specs(shape_list):
   return [pl.BlockSpec(s, (lambda *args, _n=len(s): (0,) * _n)) for s in shape_list]
 
 
+def _gpu_q_grid_extras(cfg: _Config, qseg, kseg, bq: int, sp: int):
+  """(specs, operands) after the main ones on the ``(b, h, q_tiles)`` grid of the forward and dQ passes: segment
+  ids (this tile's queries, all keys) and the host-built mask table, each when the call has them."""
+  specs, operands = [], []
+  if cfg.segments:
+    specs += [pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
+              pl.BlockSpec((None, sp), lambda bi, hi, qi: (bi, 0))]
+    operands += [qseg, kseg]
+  if cfg.table:
+    specs += _gpu_meta_specs([cfg.meta.partial_blocks.shape])
+    operands.append(jnp.asarray(cfg.meta.partial_blocks))
+  return specs, operands
+
+
 def _gpu_fwd(cfg: _Config, q, k, v, qseg, kseg, counter: bool):
   meta = cfg.meta
   b, h, tp, d = q.shape
@@ -97,13 +111,9 @@ def _gpu_fwd(cfg: _Config, q, k, v, qseg, kseg, counter: bool):
       pl.BlockSpec((None, None, sp, d), lambda bi, hi, qi: (bi, hi // g, 0, 0)),
       pl.BlockSpec((None, None, sp, d), lambda bi, hi, qi: (bi, hi // g, 0, 0))]
   operands = [jnp.asarray(m) for m in mets] + [q, k, v]
-  if cfg.segments:
-    in_specs += [pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
-                 pl.BlockSpec((None, sp), lambda bi, hi, qi: (bi, 0))]
-    operands += [qseg, kseg]
-  if cfg.table:
-    in_specs += _gpu_meta_specs([meta.partial_blocks.shape])
-    operands.append(jnp.asarray(meta.partial_blocks))
+  extra_specs, extra_operands = _gpu_q_grid_extras(cfg, qseg, kseg, bq, sp)
+  in_specs += extra_specs
+  operands += extra_operands
   out_specs = [pl.BlockSpec((None, None, bq, d), lambda bi, hi, qi: (bi, hi, qi, 0)),
                pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi))]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
@@ -203,13 +213,9 @@ def _gpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
       pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)),
       pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi))]
   operands = [jnp.asarray(m) for m in mets] + [q, k, v, do, lse, delta]
-  if cfg.segments:
-    in_specs += [pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
-                 pl.BlockSpec((None, sp), lambda bi, hi, qi: (bi, 0))]
-    operands += [qseg, kseg]
-  if cfg.table:
-    in_specs += _gpu_meta_specs([meta.partial_blocks.shape])
-    operands.append(jnp.asarray(meta.partial_blocks))
+  extra_specs, extra_operands = _gpu_q_grid_extras(cfg, qseg, kseg, bq, sp)
+  in_specs += extra_specs
+  operands += extra_operands
   dq = pl.pallas_call(
       functools.partial(_gpu_dq_kernel, cfg=cfg), grid=(b, h, meta.num_q_tiles), in_specs=in_specs,
       out_specs=pl.BlockSpec((None, None, bq, d), qb), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
