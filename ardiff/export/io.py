@@ -20,6 +20,31 @@ from typing import Iterator
 EXPORT_MARKERS = ("config.json", "model_config.json", "serving.json")
 
 
+def _umask() -> int:
+  """The process umask (``os.umask`` can only be read by setting it, so it is set straight back)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def _make_readable_like_the_rest(root: str) -> None:
+  """Gives ``root`` and everything below it the modes a plain ``open()`` / ``os.makedirs`` would (0644 / 0755 under
+  the usual umask 022).
+
+  ``mkdtemp`` creates 0700 and some writers (safetensors' ``save_file``) create 0600 files, so without this an
+  export would be unreadable by the other users and services (a model server, a shared filesystem) that read the
+  run's other outputs.
+  """
+  mask = _umask()
+  file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+  for dirpath, _, filenames in os.walk(root):
+    os.chmod(dirpath, dir_mode)
+    for name in filenames:
+      path = os.path.join(dirpath, name)
+      if not os.path.islink(path):
+        os.chmod(path, file_mode)
+
+
 def clean_path(path) -> str:
   return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
@@ -56,12 +81,12 @@ def staged_output(out_dir, *, overwrite: bool = False) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  _make_readable_like_the_rest(tmp)
   old = None
   if os.path.isdir(out_dir):  # empty, or an earlier export being overwritten: swap, then delete the old one
     old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
     os.rmdir(old)
     os.replace(out_dir, old)
   os.replace(tmp, out_dir)
-  os.chmod(out_dir, 0o755)  # mkdtemp creates 0700
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
