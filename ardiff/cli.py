@@ -1,8 +1,22 @@
-"""Command dispatch for ``python -m ardiff``. Each command lives in its own module and takes ``argv``."""
+"""Command dispatch for ``python -m ardiff``. Each command lives in its own module and takes ``argv``.
+
+Errors: :func:`main` is the one place that turns an *expected* error into one paragraph, ``error: <message>`` on
+stderr, and exit status 2. Expected means a mistake the user can fix, and the library raises it with a message
+naming the value and the fix:
+
+* ``ValueError`` (bad config or flag value, corrupt input such as a truncated ``config.json``; this includes
+  :class:`ardiff.errors.UsageError`), ``NotImplementedError`` (a feature this version does not have);
+* ``FileNotFoundError``, ``FileExistsError`` (refused overwrite), ``NotADirectoryError``, ``IsADirectoryError``,
+  ``PermissionError`` (missing run directory, unwritable output).
+
+Everything else (``TypeError``, ``KeyError``, ``RuntimeError``...) is a bug and keeps its traceback. ``--debug``
+anywhere on the command line, or ``ARDIFF_DEBUG=1``, re-raises expected errors too, with the traceback.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -14,24 +28,57 @@ COMMANDS = {
     "convert": ("ardiff.export.convert", "convert an AR model (HF directory or run) into a block-diffusion run"),
 }
 
-USAGE = "usage: python -m ardiff <command> [flags]\n\ncommands:\n" + "\n".join(
-    f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
+USAGE = ("usage: python -m ardiff <command> [flags]    (python -m ardiff <command> --help for its flags)\n\n"
+         "commands:\n" + "\n".join(f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
+         + "\n\nflags of every command:\n  --debug   show the traceback of an error (or set ARDIFF_DEBUG=1)")
+
+EXPECTED_ERRORS = (ValueError, NotImplementedError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                   IsADirectoryError, PermissionError)
+EXIT_USAGE = 2
+
+
+def debug_requested(argv) -> bool:
+  return "--debug" in argv or os.environ.get("ARDIFF_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def format_error(e: BaseException) -> str:
+  """One paragraph: the message with its line breaks folded (OSError's ``[Errno 2] ...`` form kept)."""
+  return "error: " + (" ".join(str(e).split()) or type(e).__name__)
 
 
 def main(argv) -> int:
+  argv = list(argv)
+  debug = debug_requested(argv)
+  argv = [a for a in argv if a != "--debug"]
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(USAGE)
     return 0
   name = argv[1]
   if name not in COMMANDS:
-    print(f"unknown command {name!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    print(f"error: unknown command {name!r}; use one of {', '.join(COMMANDS)}.\n\n{USAGE}", file=sys.stderr)
+    return EXIT_USAGE
   module_name = COMMANDS[name][0]
   try:
     module = importlib.import_module(module_name)
   except ModuleNotFoundError as e:
     if e.name and module_name.startswith(e.name):
-      print(f"`ardiff {name}` is not available in this version ({module_name} is missing).", file=sys.stderr)
-      return 2
+      print(f"error: `ardiff {name}` is not available in this version ({module_name} is missing).", file=sys.stderr)
+      return EXIT_USAGE
     raise
-  return module.main([f"ardiff {name}"] + list(argv[2:])) or 0
+  try:
+    return module.main([f"ardiff {name}"] + argv[2:]) or 0
+  except SystemExit as e:  # argparse: --help (0) or a usage error it already printed (2)
+    if e.code is None or isinstance(e.code, int):
+      return e.code or 0
+    print(f"error: {e.code}", file=sys.stderr)
+    return EXIT_USAGE
+  except EXPECTED_ERRORS as e:
+    if debug:
+      raise
+    print(format_error(e), file=sys.stderr)
+    return EXIT_USAGE
+  except KeyboardInterrupt:
+    if debug:
+      raise
+    print("error: interrupted.", file=sys.stderr)
+    return 130

@@ -8,6 +8,7 @@ divide, a [MASK] id outside the vocabulary, and so on.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import ml_collections
@@ -77,15 +78,29 @@ def _section(config, name) -> dict:
   return d
 
 
+def _check_finite(config) -> None:
+  """NaN/inf hyperparameters (e.g. ``--config.optimizer.learning_rate=nan``) would train to NaN params silently."""
+  for section in SECTIONS:
+    values = config[section].to_dict() if isinstance(config[section], ml_collections.ConfigDict) else {}
+    for key, value in values.items():
+      if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{section}.{key}={value} is not a finite number; give a finite value "
+                         f"(e.g. --config.{section}.{key}=<number>).")
+
+
 def validate(config: ml_collections.ConfigDict, *, devices=None) -> Experiment:
   """Checks every section; with ``devices`` also the batch/model divisibility on the mesh they form."""
   unknown = set(config.keys()) - TOP_LEVEL
   if unknown:
     raise unknown_keys_error("the config", unknown, TOP_LEVEL)
+  _check_finite(config)
   model = ModelConfig.from_dict(_section(config, "model"))
   objective = ObjectiveConfig.from_dict(_section(config, "objective"))
   data, mesh, opt, train = (_section(config, s) for s in ("data", "mesh", "optimizer", "train"))
 
+  for key in ("batch_size", "num_steps", "log_every", "eval_every", "save_every", "keep_checkpoints"):
+    if int(train[key]) < 1:  # before the optimizer check, which would name the derived total_steps instead
+      raise ValueError(f"train.{key}={train[key]} must be >= 1.")
   seq_len = data["seq_len"]
   objective.check_seq_len(seq_len)
   if objective.kind != "ar" and model.mask_token_id is None:
@@ -93,9 +108,6 @@ def validate(config: ml_collections.ConfigDict, *, devices=None) -> Experiment:
   if "total_steps" in opt:
     raise ValueError("config.optimizer.total_steps is derived from train.num_steps; remove it.")
   OptimizerConfig.from_dict({**opt, "total_steps": int(train["num_steps"])})  # raises with the reason
-  for key in ("batch_size", "num_steps", "log_every", "eval_every", "save_every", "keep_checkpoints"):
-    if int(train[key]) < 1:
-      raise ValueError(f"train.{key}={train[key]} must be >= 1.")
   if int(opt["grad_accum_steps"]) < 1 or train["batch_size"] % int(opt["grad_accum_steps"]):
     raise ValueError(f"optimizer.grad_accum_steps={opt['grad_accum_steps']} must be >= 1 and divide "
                      f"train.batch_size={train['batch_size']}.")

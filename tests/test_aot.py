@@ -31,8 +31,10 @@ def test_too_big_a_batch_does_not_fit_with_a_clear_message():
 
 
 def test_unknown_topology_is_a_clear_error():
-  with pytest.raises(RuntimeError, match="cannot describe TPU topology"):
+  with pytest.raises(ValueError, match="unknown TPU generation 'v99'"):
     aot.compile_train_step(default_config.get_config(), "v99:1x1")
+  with pytest.raises(ValueError, match="is not a v5p slice"):  # libtpu lays this typo out; parse_topology refuses it
+    aot.compile_train_step(default_config.get_config(), "v5p:8x8x88")
 
 
 def test_sampler_steps_compile_with_a_sharded_kv_cache():

@@ -59,3 +59,17 @@ def test_mesh_divisibility_is_checked_against_devices():
   config.mesh.data = 1
   with pytest.raises(ValueError, match="not divisible by mesh.tensor=8"):
     experiment.validate(config, devices=jax.devices()[:8])
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("train", "num_steps", -5, r"train.num_steps=-5 must be >= 1"),  # named itself, not the derived total_steps
+    ("optimizer", "learning_rate", float("nan"), r"optimizer.learning_rate=nan is not a finite number"),
+    ("optimizer", "b2", float("inf"), r"optimizer.b2=inf is not a finite number"),
+    ("model", "rope_theta", float("nan"), r"model.rope_theta=nan is not a finite number"),
+    ("objective", "noise_eps", float("-inf"), r"objective.noise_eps=-inf is not a finite number"),
+])
+def test_negative_steps_and_non_finite_hyperparameters_are_rejected_at_load_time(section, key, value, message):
+  config = experiment.base_config()
+  config[section][key] = value
+  with pytest.raises(ValueError, match=message):
+    experiment.validate(config)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from ardiff import experiment as experiment_lib
 from ardiff import objectives, sharding
+from ardiff.errors import UsageError
 from ardiff.model import Transformer
 from ardiff.training import optimizer as optimizer_lib
 from ardiff.training import train_state as train_state_lib
@@ -29,24 +30,68 @@ class DoesNotFitError(RuntimeError):
   pass
 
 
+# Slice shapes per generation: v5e/v6e slices are 2-D (AxB), v4/v5p 3-D (AxBxC); the limits are the largest pods.
+TOPOLOGY_DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}
+MAX_DIM = {"v4": 16, "v5p": 28, "v5e": 16, "v6e": 16}
+MAX_CHIPS = {"v4": 4096, "v5p": 8960, "v5e": 256, "v6e": 256}
+EXAMPLE_TOPOLOGIES = "v5e:2x2, v6e:16x16, v5p:8x8x8 or v4:4x4x4"
+
+
+def parse_topology(topology: str) -> tuple:
+  """``"v5p:8x8x8"`` -> ``("v5p", (8, 8, 8))``; raises UsageError on a malformed or impossible name.
+
+  Checked before any jax/libtpu work: libtpu accepts some impossible shapes (``v5p:8x8x88``) and only fails later.
+  """
+  text = topology if isinstance(topology, str) else repr(topology)
+  m = re.fullmatch(r"(v\d+[a-z]?):(\d+(?:x\d+)*)", text.strip())
+  if not m:
+    hint = f" (did you mean {text.strip().lower()!r}?)" if re.fullmatch(r"(v\d+[a-z]?):(\d+(?:x\d+)*)",
+                                                                        text.strip().lower()) else ""
+    raise UsageError(f"malformed TPU topology {text!r}{hint}: use GENERATION:AxB (v5e, v6e) or GENERATION:AxBxC "
+                     f"(v4, v5p) in lower case, e.g. {EXAMPLE_TOPOLOGIES}.")
+  generation, dims = m.group(1), tuple(int(d) for d in m.group(2).split("x"))
+  if generation not in TOPOLOGY_DIMS:
+    raise UsageError(f"unknown TPU generation {generation!r} in topology {text!r}; known: "
+                     f"{', '.join(sorted(TOPOLOGY_DIMS))} (e.g. {EXAMPLE_TOPOLOGIES}).")
+  want = TOPOLOGY_DIMS[generation]
+  if len(dims) != want:
+    shape = "AxB" if want == 2 else "AxBxC"
+    raise UsageError(f"TPU topology {text!r}: {generation} slices have {want} dimensions ({generation}:{shape}), "
+                     f"got {len(dims)}.")
+  chips = 1
+  for d in dims:
+    chips *= d
+  if min(dims) < 1 or max(dims) > MAX_DIM[generation] or chips > MAX_CHIPS[generation]:
+    raise UsageError(f"TPU topology {text!r} is not a {generation} slice: each dimension must lie in "
+                     f"[1, {MAX_DIM[generation]}] and a slice has at most {MAX_CHIPS[generation]} chips "
+                     f"(got {chips}).")
+  return generation, dims
+
+
+def _libtpu_installed() -> bool:
+  import importlib.util
+  return importlib.util.find_spec("libtpu") is not None
+
+
 def tpu_devices(topology: str):
   """The devices of a TPU slice described by name, e.g. ``v5e:2x2``, ``v5p:8x8x8``."""
+  parse_topology(topology)
+  if not _libtpu_installed():
+    raise UsageError(f"cannot describe TPU topology {topology!r}: the TPU compiler (libtpu) is not installed. "
+                     "Install it with `pip install \"jax[tpu]==0.10.2\"` (it installs on CPU-only machines too).")
   # We only compile, never run: let several processes (test workers, a second compile) load libtpu at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies
     return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-  except Exception as e:  # noqa: BLE001 - libtpu missing or a bad name: say which and how to fix
-    raise RuntimeError(f"cannot describe TPU topology {topology!r} ({type(e).__name__}: {e}). Install the TPU "
-                       "compiler with `pip install \"jax[tpu]==0.10.2\"` and use a name such as v5e:2x2, "
-                       "v6e:16x16, v5p:8x8x8 or v4:4x4x4.") from e
+  except Exception as e:  # noqa: BLE001 - libtpu rejects a shape it cannot lay out (e.g. v5e:3x3)
+    message = " ".join(str(e).split())
+    raise UsageError(f"cannot describe TPU topology {topology!r}: the TPU compiler rejected it ({type(e).__name__}: "
+                     f"{message}). Use a slice shape such as {EXAMPLE_TOPOLOGIES}.") from e
 
 
 def hbm_per_chip(topology: str) -> int:
-  generation = re.match(r"(v\d+[a-z]?)", topology)
-  if not generation or generation.group(1) not in HBM_BYTES:
-    raise ValueError(f"unknown TPU generation in {topology!r}; known: {sorted(HBM_BYTES)}.")
-  return HBM_BYTES[generation.group(1)]
+  return HBM_BYTES[parse_topology(topology)[0]]
 
 
 @contextlib.contextmanager
@@ -55,8 +100,8 @@ def _tpu_kernels(config):
   if config.model.attention_impl != "pallas":
     yield
     return
-  from kernels_pallas import dispatch  # lazily: the kernels are optional on the XLA path
-  with dispatch.target_backend("tpu"):
+  from ardiff import attention as attention_lib
+  with attention_lib.target_backend("tpu"):
     yield
 
 
@@ -73,8 +118,8 @@ def _compile_train_step(config, topology: str) -> dict:
   notes = []
   if model_cfg.attention_impl == "pallas":
     # The compile runs on this (CPU) host but targets TPU devices: the Mosaic kernels are compiled (not
-    # interpreted) because compile_train_step runs inside dispatch.target_backend("tpu"); under the mesh
-    # kernels_pallas.dispatch wraps them in shard_map (batch over data×fsdp, heads over tensor).
+    # interpreted) because compile_train_step runs inside attention.target_backend("tpu"); under the mesh
+    # ardiff.attention wraps them in shard_map with specs from the config's logical axis rules.
     notes.append("attention_impl='pallas' compiled with the TPU (Mosaic) kernels under shard_map.")
   if model_cfg.attention_impl == "auto":
     # 'auto' picks kernels from the *running* backend (CPU here), so say plainly what was compiled.
@@ -168,19 +213,25 @@ def _compile_sampler_steps(config, topology: str, *, max_len: int | None = None)
   return out
 
 
-def main(argv) -> int:
-  from absl import flags
-  from ml_collections import config_flags
+def _checked_topology(text: str) -> str:
+  parse_topology(text)  # a bad name fails while parsing the flags, not after a long compile
+  return text
 
+
+def main(argv) -> int:
+  """``python -m ardiff compile [--config FILE] [--config.SECTION.KEY=VALUE ...] --topology v5e:2x2``."""
+  from ardiff import cli_flags
   from ardiff.training.main import DEFAULT_CONFIG
 
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment config file", flag_values=fv,
-                                  lock_config=True)
-  flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, e.g. v5e:16x16, v6e:2x2, v5p:8x8x8", flag_values=fv)
-  fv(argv)
+  parsed = cli_flags.parse(argv, description=__doc__, default_config=DEFAULT_CONFIG, flags=(
+      cli_flags.Flag("topology", "v5e:2x2", f"TPU slice, e.g. {EXAMPLE_TOPOLOGIES}", _checked_topology),))
+  if parsed is None:  # --help
+    return 0
+  config, flag_values = parsed
+  topology = flag_values["topology"]
+  experiment_lib.validate(config)
   try:
-    r = compile_train_step(fv.config, fv.topology)
+    r = compile_train_step(config, topology)
   except DoesNotFitError as e:
     print(f"DOES NOT FIT: {e}")
     return 1
@@ -190,7 +241,7 @@ def main(argv) -> int:
   for note in r["notes"]:
     print("note:", note)
   try:
-    for name, gib in compile_sampler_steps(fv.config, fv.topology).items():
+    for name, gib in compile_sampler_steps(config, topology).items():
       print(f"{name}: {gib:.2f} GiB per chip with a sharded KV cache -> fits")
   except DoesNotFitError as e:
     print(f"DOES NOT FIT: {e}")

@@ -327,15 +327,15 @@ def _plot_loss(metrics_path: str, out_path: str) -> None:
 
 
 def main(argv) -> int:
-  from absl import flags
-  from ml_collections import config_flags
-
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment config file (configs/*.py)",
-                                  flag_values=flag_values, lock_config=True)
-  flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=flag_values)
-  flag_values(argv)
+  """``python -m ardiff train [--config FILE] [--config.SECTION.KEY=VALUE ...] [--noprogress]``."""
+  from ardiff import cli_flags
+  parsed = cli_flags.parse(argv, description=__doc__, default_config=DEFAULT_CONFIG,
+                           flags=(cli_flags.Flag("progress", True, "show a progress bar", cli_flags.parse_bool),))
+  if parsed is None:  # --help
+    return 0
+  config, flag_values = parsed
+  experiment_lib.validate(config)  # bad values fail here, before jax.distributed or any data work
   if os.environ.get("ARDIFF_DISTRIBUTED") == "1":  # set by launch/tpu_vm.sh on every host of a pod
     jax.distributed.initialize()
-  train(flag_values.config, progress=flag_values.progress and jax.process_index() == 0)
+  train(config, progress=flag_values["progress"] and jax.process_index() == 0)
   return 0
