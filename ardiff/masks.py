@@ -18,7 +18,7 @@ value; :func:`segment_predicate` gives the term and :func:`dense_with_segments` 
 classification is static and ignores segments: segments can only remove more entries (never turn EMPTY into
 non-empty), so skipping by the static classes stays exact.
 
-Formulas follow ``shared/notes/anchors.md`` §3. Index conventions:
+Formulas: ``docs/algorithms.md`` §3. Index conventions:
 
 * ``BD3(n, B)`` acts on the 2n sequence ``[x_t (0..n-1) ; x_0 (n..2n-1)]``.
 * ``TiDARTrain(n, B)`` acts on ``[clean (0..n-1) ; draft (n..2n-1)]``.
@@ -137,7 +137,7 @@ class PrefixLM(Mask):
 
 @dataclasses.dataclass(frozen=True)
 class BD3(Mask):
-  """BD3-LM 2n training mask over ``[x_t ; x_0]`` (anchors §3.2).
+  """BD3-LM 2n training mask over ``[x_t ; x_0]`` (docs/algorithms.md §3.2; arXiv 2503.09573).
 
   Noisy block b sees itself and clean blocks < b; the clean half is block-causal (what the KV cache holds).
   """
@@ -165,7 +165,7 @@ class BD3(Mask):
 
 @dataclasses.dataclass(frozen=True)
 class TiDARTrain(Mask):
-  """TiDAR training mask over ``[clean ; draft]`` (anchors §3.5).
+  """TiDAR training mask over ``[clean ; draft]`` (docs/algorithms.md §3.3; arXiv 2511.08923).
 
   Clean rows are causal and never see drafts; draft block j sees clean tokens before ``j * B`` and its own block.
   """

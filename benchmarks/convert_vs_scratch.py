@@ -57,7 +57,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   from absl import flags
-  if not flags.FLAGS.is_parsed():  # grain reads absl flags (jax_stack.md pitfall 5)
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: unparsed, they raise
     flags.FLAGS(sys.argv[:1])
   import jax
 

@@ -54,7 +54,8 @@ def _configs(args):
   """name -> experiment config of every checkpoint the benchmark needs, in training order.
 
   The block-diffusion and TiDAR models start from the AR checkpoint (Fast-dLLM v2 / SDAR's cheap route to a good
-  block-diffusion model, anchors §6): the same knowledge, so the quality columns compare decoding, not training.
+  block-diffusion model, docs/algorithms.md §6): the same knowledge, so the quality columns compare decoding, not
+  training.
   """
   from configs import ar_shakespeare, fastdllm_v2_finetune, tidar_shakespeare
   ar_dir = os.path.join(args.runs_root, "ar")
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
   p.add_argument("--json", default=None, help="also write the rows to this JSON file")
   args = p.parse_args(argv)
   from absl import flags
-  if not flags.FLAGS.is_parsed():  # grain reads absl flags (jax_stack.md pitfall 5)
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: unparsed, they raise
     flags.FLAGS(sys.argv[:1])
 
   import jax

@@ -1,8 +1,8 @@
 """Fine-tune a converted AR model (a run directory written by `ardiff convert`) as block diffusion.
 
 The model, tokenizer, [MASK] id, block size and objective recipe (`convert --recipe`, default Fast-dLLM v2: token
-shift, complementary masks, unweighted CE; anchors §6) come from the converted directory when it is passed after
-the file name (`configs/convert_finetune.py:DIR`). This file adds the fine-tuning schedule: a short warmup and a
+shift, complementary masks, unweighted CE; docs/algorithms.md §6) come from the converted directory when it is
+passed after the file name (`configs/convert_finetune.py:DIR`). This file adds the fine-tuning schedule: a short warmup and a
 cosine decay from a peak learning rate of 1e-3. Without `:DIR` it expects the Shakespeare path below.
 
 Launch (AR on Shakespeare -> HF export -> block diffusion, B = 4):

@@ -15,7 +15,7 @@ import sys  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-# grain worker processes read absl flags; parse them once (jax_stack.md pitfall 5).
+# grain worker processes read absl flags and raise UnparsedFlagAccessError until they are parsed; parse them once.
 if not flags.FLAGS.is_parsed():
   flags.FLAGS(sys.argv[:1])
 

@@ -11,7 +11,7 @@ from ardiff import masks
 
 
 def formula(name, q, k, **kw):
-  """The formulas of anchors.md §3, written as plain Python on integers."""
+  """The formulas of docs/algorithms.md §3, written as plain Python on integers."""
   if name == "full":
     return True
   if name == "causal":
@@ -124,7 +124,7 @@ def test_masks_are_hashable_values():
   assert masks.Causal() & masks.Full() == masks.Causal() & masks.Full()
 
 
-def test_identities_from_the_anchors():
+def test_mask_identities():
   n, b = 16, 4
   bd3 = masks.BD3(n, b).dense(2 * n, 2 * n)
   np.testing.assert_array_equal(bd3[n:, n:], masks.BlockCausal(b).dense(n, n))  # clean half = block-causal

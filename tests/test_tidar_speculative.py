@@ -1,5 +1,5 @@
 """TiDAR draft+verify and speculative decoding: greedy == greedy AR, exactness of the sampled distribution (with a
-negative control that must fail), and cached step logits == uncached forwards (anchors §4 I, J)."""
+negative control that must fail), and cached step logits == uncached forwards (docs/algorithms.md §5)."""
 
 import functools
 

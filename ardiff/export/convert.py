@@ -13,8 +13,8 @@ directory instead (:func:`convert_run_to_block_diffusion`). Either way ``RUN_DIR
 Fine-tune it with ``python -m ardiff train --config configs/convert_finetune.py:RUN_DIR`` (which reads the model
 section from the directory) or with any config whose model matches plus ``--config.train.init_from=RUN_DIR``.
 
-The [MASK] token (SDAR and Fast-dLLM v2 fine-tune with one; anchors §6): an id the source already has is kept;
-otherwise one is added after the tokenizer's vocabulary and its embedding row (and ``lm_head`` column) start at
+The [MASK] token (SDAR and Fast-dLLM v2 fine-tune with one; docs/algorithms.md §6): an id the source already has
+is kept; otherwise one is added after the tokenizer's vocabulary and its embedding row (and ``lm_head`` column) start at
 the mean of the existing rows (:func:`grow_vocab`), so the fresh token begins as an "average" input instead of a
 random vector whose norm the trained network has never seen.
 """
@@ -40,7 +40,7 @@ from ardiff.export import params as params_lib
 log = logging.getLogger(__name__)
 
 CONVERSION_FILE = "conversion.json"
-# Objective recipes for AR -> block diffusion (anchors §6). Fast-dLLM v2's token shift keeps the AR model's
+# Objective recipes for AR -> block diffusion (docs/algorithms.md §6). Fast-dLLM v2's token shift keeps the AR model's
 # "row i-1 predicts token i" head, which is why it adapts fastest (benchmarks/convert_vs_scratch.py).
 RECIPES = {
     "fastdllm_v2": dict(token_shift=True, complementary_masks=True, weighting="none"),

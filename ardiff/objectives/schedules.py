@@ -1,7 +1,7 @@
 """Noise draws for masked (absorbing-state) diffusion with the log-linear schedule ``alpha_t = 1 - t``.
 
-Training draws one ``t`` per block (antithetic over batch x blocks, anchors §1–2) inside a clipped interval
-``[beta, omega]``; each maskable token is masked with probability ``move_chance(t)``. Evaluation uses the
+Training draws one ``t`` per block (antithetic over batch x blocks; docs/algorithms.md §1–2) inside a clipped
+interval ``[beta, omega]``; each maskable token is masked with probability ``move_chance(t)``. Evaluation uses the
 *count* form of the same NELBO, which needs no ``eps`` truncation at all:
 
     ∫_0^1 (1/t) E_{x_t}[Σ_masked CE] dt  =  Σ_{k=1}^{m} (1/k) E_{|S|=k}[Σ_{l∈S} CE_l]  =  E_{k~U{1..m}} [(m/k) Σ_S CE]

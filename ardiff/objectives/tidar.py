@@ -1,4 +1,4 @@
-"""TiDAR training objective over ``[clean ; all-[MASK] draft]`` with the TiDAR mask (anchors §3.5).
+"""TiDAR training objective over ``[clean ; all-[MASK] draft]`` with the TiDAR mask (docs/algorithms.md §3.3, §5.2).
 
 Clean rows are a causal AR model (next-token loss); draft block j sees the clean tokens before it and predicts
 its own positions in one diffusion step from a fully masked block. Loss = (alpha * AR + diffusion) / (1 + alpha),
