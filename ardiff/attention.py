@@ -1,81 +1,60 @@
-"""Attention: the dense reference and the dispatch to the Pallas kernels.
+"""Attention routing: ``impl = xla | pallas | auto`` and the sharded call of the Pallas kernels.
 
 Shapes: ``q_btnh`` is ``[batch, q_len, heads, head_dim]``; ``k_bsnh``/``v_bsnh`` are
-``[batch, kv_len, kv_heads, head_dim]`` with ``kv_heads`` dividing ``heads`` (GQA).
+``[batch, kv_len, kv_heads, head_dim]`` with ``kv_heads`` dividing ``heads`` (GQA). The semantics (static mask,
+packing, cache validity; empty rows give zeros) are those of :func:`kernels_pallas.reference.reference_attention`,
+which is also the XLA path.
 
-Which keys a query sees is decided by three terms, all elementwise over absolute indices:
+Pallas routing
+--------------
+* ``kv_lengths`` given (a cached forward: AR token, diffusion block, speculative draft, TiDAR rows) →
+  :func:`kernels_pallas.decode_attention.decode_attention`;
+* otherwise (training / full-sequence forward) → :func:`kernels_pallas.block_sparse_attention.block_sparse_attention`.
 
-* the static mask from :mod:`ardiff.masks`, evaluated at ``q = q_offsets[b] + i`` and ``k = j``;
-* packing: ``q_segment_ids[b, i] == kv_segment_ids[b, j] != 0`` (when segment ids are given);
-* the cache: ``j < kv_lengths[b]`` (when ``kv_lengths`` is given; keys past it are stale or unwritten).
+The backend is ``jax.default_backend()``: ``"tpu"`` and ``"gpu"`` run the compiled kernels; on ``"cpu"`` this
+raises (nothing falls back to XLA silently). To run the kernels on a CPU host (tests) use the Pallas interpreter,
+for one call (``pallas_attention(..., backend="tpu", interpret=True)``) or for everything in a block, including
+the model's calls (``with interpret_mode(backend="tpu"):``; ``"tpu"`` interprets the Mosaic kernels faithfully
+but slowly, ``"gpu"`` the Triton kernels quickly). ``with target_backend("tpu"):`` makes the *compiled* kernels of
+that backend the choice whatever the running backend (AOT compiles for a TPU slice from a CPU host).
 
-Rows that see no key output zeros (never NaN), and their gradients are zero.
+Sharding
+--------
+Mosaic/Triton calls cannot be partitioned automatically, so under an abstract mesh with more than one device
+(``jax.set_mesh``, e.g. :func:`ardiff.sharding.activation_sharding`) the kernel call is wrapped in
+``jax.shard_map``. Its specs come from the logical axis rules in scope (``nn.logical_axis_rules``; the defaults of
+:mod:`ardiff.sharding` when none are) applied to the names the model gives its activations, :data:`Q_AXES` and
+:data:`KV_AXES`, so the kernel sees exactly the blocks the model's sharding constraints produce: each device runs
+the kernel on its own batch rows and heads, with no communication.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import math
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from ardiff import masks as masks_lib
+from ardiff import sharding as sharding_lib
+from kernels_pallas import block_sparse_attention as block_sparse_lib
+from kernels_pallas import decode_attention as decode_lib
+from kernels_pallas.common import BACKENDS
+from kernels_pallas.reference import allowed_bqk, reference_attention  # noqa: F401 - re-exported: the XLA path
 
 IMPLS = ("xla", "pallas", "auto")
+Q_AXES = ("batch", "length", "heads", "head_dim")      # logical names of q and the output (ardiff.model)
+KV_AXES = ("batch", "length", "kv_heads", "head_dim")  # logical names of k and v (ardiff.model)
 
-
-def allowed_bqk(mask: masks_lib.Mask, *, batch: int, q_len: int, kv_len: int, q_offsets=None,
-                q_segment_ids=None, kv_segment_ids=None, kv_lengths=None) -> jax.Array:
-  """``bool[batch or 1, q_len, kv_len]``: the full elementwise mask (static mask & packing & cache validity)."""
-  q_idx = jnp.arange(q_len, dtype=jnp.int32)[None, :, None]
-  if q_offsets is not None:
-    q_idx = q_idx + jnp.asarray(q_offsets, jnp.int32).reshape(-1, 1, 1)
-  k_idx = jnp.arange(kv_len, dtype=jnp.int32)[None, None, :]
-  allowed = mask.predicate(q_idx, k_idx)
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("Pass both q_segment_ids and kv_segment_ids, or neither.")
-  if q_segment_ids is not None:
-    allowed = allowed & masks_lib.segment_predicate(q_segment_ids[:, :, None], kv_segment_ids[:, None, :])
-  if kv_lengths is not None:
-    allowed = allowed & (k_idx < jnp.asarray(kv_lengths, jnp.int32).reshape(-1, 1, 1))
-  return jnp.broadcast_to(allowed, (allowed.shape[0], q_len, kv_len))
-
-
-def reference_attention(q_btnh, k_bsnh, v_bsnh, *, mask: masks_lib.Mask, q_offsets=None, q_segment_ids=None,
-                        kv_segment_ids=None, kv_lengths=None, sm_scale: Optional[float] = None,
-                        logit_soft_cap: Optional[float] = None) -> jax.Array:
-  """Dense masked softmax attention in float32; the reference every kernel and cached path is tested against."""
-  b, t, h, d = q_btnh.shape
-  _, s, kvh, _ = k_bsnh.shape
-  _check_shapes(q_btnh, k_bsnh, v_bsnh)
-  groups = h // kvh
-  scale = d ** -0.5 if sm_scale is None else sm_scale
-  q = q_btnh.reshape(b, t, kvh, groups, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k_bsnh, preferred_element_type=jnp.float32) * scale
-  if logit_soft_cap is not None:
-    logits = logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
-  allowed = allowed_bqk(mask, batch=b, q_len=t, kv_len=s, q_offsets=q_offsets, q_segment_ids=q_segment_ids,
-                        kv_segment_ids=kv_segment_ids, kv_lengths=kv_lengths)[:, None, None]  # [b|1,1,1,t,s]
-  # A finite fill and an explicit zero for masked entries: fully masked rows give 0, not NaN, and 0 gradients.
-  logits = jnp.where(allowed, logits, -1e30)
-  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  p = jnp.where(allowed, jnp.exp(logits - row_max), 0.0)
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(denom == 0.0, 1.0, denom)
-  out = jnp.einsum("bkgts,bskd->btkgd", p, v_bsnh.astype(jnp.float32))
-  return out.reshape(b, t, h, d).astype(q_btnh.dtype)
-
-
-def _check_shapes(q, k, v):
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"attention expects [batch, len, heads, head_dim] inputs; got q{q.shape} k{k.shape} "
-                     f"v{v.shape}.")
-  if k.shape != v.shape:
-    raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}.")
-  if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-    raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim.")
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f"kv_heads={k.shape[2]} must divide heads={q.shape[2]} (grouped-query attention).")
+_INTERPRET: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("ardiff_pallas_interpret", default=None)
+_TARGET: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("ardiff_pallas_target", default=None)
 
 
 def resolve_impl(impl: str) -> str:
@@ -83,7 +62,7 @@ def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f"attention_impl={impl!r} is not one of {IMPLS}.")
   if impl == "auto":
-    return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+    return "pallas" if jax.default_backend() in BACKENDS else "xla"
   return impl
 
 
@@ -92,14 +71,209 @@ def attention(q_btnh, k_bsnh, v_bsnh, *, mask: masks_lib.Mask, impl: str = "xla"
               logit_soft_cap=None) -> jax.Array:
   """Masked attention through the implementation named by ``impl`` (see :func:`resolve_impl`).
 
-  Training and full-sequence forwards (no ``kv_lengths``) go to the block-sparse flash kernel; cached
-  forwards (``kv_lengths`` given) go to the decode kernel. Nothing falls back silently: a combination the
-  kernels do not support raises with the reason.
+  Nothing falls back silently: a combination the kernels do not support raises with the reason.
   """
   impl = resolve_impl(impl)
   kwargs = dict(mask=mask, q_offsets=q_offsets, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                 kv_lengths=kv_lengths, sm_scale=sm_scale, logit_soft_cap=logit_soft_cap)
   if impl == "xla":
     return reference_attention(q_btnh, k_bsnh, v_bsnh, **kwargs)
-  from kernels_pallas import dispatch  # imported lazily: the kernels are optional on the XLA path
-  return dispatch.pallas_attention(q_btnh, k_bsnh, v_bsnh, **kwargs)
+  return pallas_attention(q_btnh, k_bsnh, v_bsnh, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Backend choice.
+
+
+@contextlib.contextmanager
+def interpret_mode(backend: str = "tpu"):
+  """Within the block, :func:`pallas_attention` runs ``backend``'s kernels in the Pallas interpreter."""
+  if backend not in BACKENDS:
+    raise ValueError(f"interpret_mode backend must be one of {BACKENDS}, got {backend!r}.")
+  token = _INTERPRET.set(backend)
+  try:
+    yield
+  finally:
+    _INTERPRET.reset(token)
+
+
+@contextlib.contextmanager
+def target_backend(backend: str = "tpu"):
+  """Within the block, :func:`pallas_attention` compiles ``backend``'s kernels (not interpreted) regardless of
+  ``jax.default_backend()``: for AOT compiles that run on a CPU host but target TPU devices."""
+  if backend not in BACKENDS:
+    raise ValueError(f"target_backend must be one of {BACKENDS}, got {backend!r}.")
+  token = _TARGET.set(backend)
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
+def _resolve(backend: Optional[str], interpret: bool) -> tuple[str, bool]:
+  target = _TARGET.get()
+  if backend is None and not interpret and target is not None:
+    return target, False
+  ctx = _INTERPRET.get()
+  if backend is None and not interpret and ctx is not None:
+    return ctx, True
+  if backend is not None:
+    if backend not in BACKENDS:
+      raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    return backend, bool(interpret)
+  default = jax.default_backend()
+  if default in BACKENDS:
+    return default, bool(interpret)
+  if interpret:
+    raise ValueError("interpret=True needs backend='tpu' or backend='gpu' to say which kernel to interpret.")
+  raise RuntimeError(
+      f"Pallas attention kernels need a TPU or GPU, but jax.default_backend() is {default!r}. Use "
+      f"attention_impl='xla' on this host, or (tests) run the kernels in the Pallas interpreter: "
+      f"`with ardiff.attention.interpret_mode(backend='tpu'|'gpu'):` or "
+      f"pallas_attention(..., backend=..., interpret=True) (the kernels' own `interpret=` argument).")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The Pallas path.
+
+
+def pallas_attention(q, k, v, *, mask: masks_lib.Mask, q_offsets=None, q_segment_ids=None, kv_segment_ids=None,
+                     kv_lengths=None, sm_scale=None, logit_soft_cap=None, backend: Optional[str] = None,
+                     interpret: bool = False):
+  """Masked attention through the Pallas kernels; same contract as :func:`reference_attention`.
+
+  ``backend``/``interpret`` override the backend choice for one call (see the module docstring).
+  """
+  backend, interpret = _resolve(backend, interpret)
+  call = functools.partial(_kernel_call, mask=mask, sm_scale=sm_scale, logit_soft_cap=logit_soft_cap,
+                           backend=backend, interpret=interpret)
+  if kv_lengths is None:
+    _check_zero_offsets(q_offsets)
+    q_offsets = None  # concrete zeros: the block-sparse kernel assumes them
+  extras = dict(q_offsets=q_offsets, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                kv_lengths=kv_lengths)
+  mesh = _sharding_mesh()
+  if mesh is None:
+    return call(q, k, v, **extras)
+  return _sharded_call(call, mesh, q, k, v, extras)
+
+
+def _check_zero_offsets(q_offsets) -> None:
+  if q_offsets is None:
+    return
+  if isinstance(q_offsets, jax.core.Tracer):
+    raise NotImplementedError(
+        "q_offsets without kv_lengths must be None (or concrete zeros): the block-sparse kernel classifies tiles "
+        "from static query positions starting at 0. A traced q_offsets cannot be checked; for queries at an "
+        "offset into a cache pass kv_lengths so the call goes to decode_attention.")
+  if not np.all(np.asarray(q_offsets) == 0):
+    raise NotImplementedError(
+        "nonzero q_offsets without kv_lengths are not supported by the block-sparse kernel (its tile map is "
+        "built for queries starting at position 0). Pass kv_lengths (cached forward → decode_attention) or "
+        "q_offsets=None.")
+
+
+def _kernel_call(q, k, v, *, mask, q_offsets, q_segment_ids, kv_segment_ids, kv_lengths, sm_scale,
+                 logit_soft_cap, backend, interpret):
+  if kv_lengths is not None:
+    if q_segment_ids is not None or kv_segment_ids is not None:
+      raise NotImplementedError(
+          "segment ids with a KV cache (kv_lengths) are not supported: the decode kernel serves one sequence per "
+          "batch row (ragged lengths replace packing). Unpack the batch, or use attention_impl='xla'.")
+    if q_offsets is None:
+      raise ValueError("kv_lengths was given without q_offsets: a cached forward needs each row's query offset "
+                       "(the cache length before the write).")
+    return decode_lib.decode_attention(q, k, v, q_offsets=q_offsets, kv_lengths=kv_lengths, mask=mask,
+                                       sm_scale=sm_scale, logit_soft_cap=logit_soft_cap, backend=backend,
+                                       interpret=interpret)
+  return block_sparse_lib.block_sparse_attention(q, k, v, mask=mask, q_segment_ids=q_segment_ids,
+                                                 kv_segment_ids=kv_segment_ids, sm_scale=sm_scale,
+                                                 logit_soft_cap=logit_soft_cap, backend=backend,
+                                                 interpret=interpret)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# shard_map around the kernel call, with specs from the logical axis rules.
+
+
+def _sharding_mesh():
+  """The abstract mesh to shard the kernel call over, or None (no mesh or one device)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size <= 1:
+    return None
+  return mesh
+
+
+def _mesh_axes(entry, mesh) -> tuple:
+  """The mesh axes one PartitionSpec entry names, keeping those of ``mesh`` (a rule may name an absent axis)."""
+  names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  return tuple(a for a in names if a in mesh.axis_names)
+
+
+def kernel_partition_specs(mesh, rules=None) -> tuple[P, P]:
+  """``(q_spec, kv_spec)``: the ``[batch, len, heads, head_dim]`` PartitionSpecs of the model's q and k/v
+  activations under ``rules`` (default: the rules in scope, else :data:`ardiff.sharding.DEFAULT_RULES`).
+
+  Raises when the rules shard a dimension the kernels need whole on every device (length, head_dim) or put heads
+  and kv heads on different mesh axes (a device would hold query heads whose kv heads live elsewhere).
+  """
+  if rules is None:
+    rules = nn.get_logical_axis_rules() or sharding_lib.DEFAULT_RULES
+  specs = []
+  for names in (Q_AXES, KV_AXES):
+    spec = nn.logical_to_mesh_axes(names, rules)
+    axes = [_mesh_axes(entry, mesh) for entry in spec]
+    for name, dim_axes in zip(names, axes):
+      if name in ("length", "head_dim") and dim_axes:
+        raise NotImplementedError(
+            f"the axis rules shard the {name!r} dimension over mesh axes {dim_axes}; the Pallas attention kernels "
+            f"need whole sequences and head dims on each device. Map {name!r} to None in the rules, or use "
+            f"attention_impl='xla'.")
+    specs.append(P(*(a if len(a) > 1 else (a[0] if a else None) for a in axes)))
+  q_spec, kv_spec = specs
+  if q_spec[0] != kv_spec[0] or q_spec[2] != kv_spec[2]:
+    raise ValueError(
+        f"the axis rules place q as {q_spec} but k/v as {kv_spec}: the Pallas kernels need 'batch' and both "
+        f"'heads' and 'kv_heads' on the same mesh axes (each device must hold the kv heads of its query heads). "
+        f"Give 'heads' and 'kv_heads' the same rule.")
+  return q_spec, kv_spec
+
+
+def _sharded_call(call, mesh, q, k, v, extras):
+  x_spec, _ = kernel_partition_specs(mesh)
+  batch_axes, head_axes = _mesh_axes(x_spec[0], mesh), _mesh_axes(x_spec[2], mesh)
+  manual = set(getattr(mesh, "manual_axes", ()) or ())
+  used = set(batch_axes) | set(head_axes)
+  if manual and used <= manual:
+    return call(q, k, v, **extras)  # already inside a shard_map over these axes: the caller holds per-device blocks
+  if used & manual:
+    raise NotImplementedError(f"pallas_attention inside a shard_map that is manual over only some of "
+                              f"{sorted(used)} (manual: {sorted(manual)}) is not supported.")
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  n_batch, n_heads = math.prod(sizes[a] for a in batch_axes), math.prod(sizes[a] for a in head_axes)
+  b, h, kvh = q.shape[0], q.shape[2], k.shape[2]
+  if b % n_batch:
+    raise ValueError(f"pallas_attention under a mesh: batch={b} must be divisible by the batch mesh axes "
+                     f"{batch_axes} (size {n_batch}); use a batch that is a multiple of {n_batch} or a smaller "
+                     f"mesh over those axes.")
+  if h % n_heads or kvh % n_heads:
+    raise ValueError(f"pallas_attention under a mesh: heads={h} and kv_heads={kvh} must both be divisible by the "
+                     f"heads mesh axes {head_axes} (size {n_heads}). Replicate the kv heads up to a multiple of "
+                     f"{n_heads} (e.g. num_kv_heads={n_heads * -(-kvh // n_heads)} with heads divisible by it), or "
+                     f"use smaller {'/'.join(head_axes) or 'head'} mesh axes (a divisor of {kvh}).")
+  row_spec, seg_spec = P(x_spec[0]), P(x_spec[0], None)
+  # Absent operands stay out of the shard_map operands: only the given ones travel, in a dict.
+  operands, specs = {}, {}
+  for name, val in extras.items():
+    if val is None:
+      continue
+    val = jnp.asarray(val, jnp.int32)
+    if name in ("q_offsets", "kv_lengths"):
+      val = jnp.broadcast_to(val.reshape(-1), (b,))
+    operands[name], specs[name] = val, row_spec if name in ("q_offsets", "kv_lengths") else seg_spec
+
+  def body(q, k, v, operands):
+    return call(q, k, v, **{n: operands.get(n) for n in extras})
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, specs), out_specs=x_spec,
+                       check_vma=False)(q, k, v, operands)

@@ -1,7 +1,8 @@
 """What the TPU and GPU kernels of :mod:`kernels_pallas.block_sparse_attention` share: constants, the static
 kernel configuration and the tile math (f32 scores with the optional soft cap, the online-softmax step, the
 finalize that stores ``+1e30`` as the logsumexp of rows with no allowed key, probabilities, the elementwise
-allowed mask of one tile, the cost estimate)."""
+allowed mask of one tile, the cost estimate). What all kernels share (``NEG_INF``, the online-softmax step, the
+backend and interpreter settings) lives in :mod:`kernels_pallas.common`."""
 
 from __future__ import annotations
 
@@ -11,14 +12,12 @@ from typing import Any, Optional
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from ardiff import masks as masks_lib
 from kernels_pallas import block_sparse_metadata as meta_lib
+from kernels_pallas import common
 
-NEG_INF = -1e30      # finite: fully masked rows never produce inf - inf
 EMPTY_ROW_LSE = 1e30  # logsumexp stored for rows with no allowed key: exp(s - lse) == 0 in the backward
-BACKENDS = ("tpu", "gpu")
 DEFAULT_BLOCKS = {"tpu": 128, "gpu": 64}
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 
@@ -48,11 +47,7 @@ class _Config:
 
   @property
   def interpret_arg(self):
-    if not self.interpret:
-      return False
-    if self.backend == "tpu":
-      return self.interpret if isinstance(self.interpret, pltpu.InterpretParams) else pltpu.InterpretParams()
-    return True
+    return common.interpret_arg(self.backend, self.interpret)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -66,19 +61,6 @@ def _scores(a, b, cfg: _Config):
     return s, None
   t = jnp.tanh(s / cfg.logit_soft_cap)
   return cfg.logit_soft_cap * t, 1.0 - t * t
-
-
-def _online_softmax_step(s, allowed, v, m_prev, l_prev, acc_prev):
-  if allowed is not None:
-    s = jnp.where(allowed, s, NEG_INF)
-  m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
-  p = jnp.exp(s - m_new)
-  if allowed is not None:
-    p = jnp.where(allowed, p, 0.0)
-  alpha = jnp.exp(m_prev - m_new)
-  l_new = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
-  acc_new = alpha * acc_prev + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return m_new, l_new, acc_new
 
 
 def _finalize(l, m, acc):

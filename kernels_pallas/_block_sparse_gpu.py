@@ -19,23 +19,12 @@ from jax.experimental.pallas import triton as pltriton
 
 from ardiff import masks as masks_lib
 from kernels_pallas.block_sparse_metadata import UNMASKED
-from kernels_pallas._block_sparse_common import (NEG_INF, _NT, _Config,
-                                                 _scores, _online_softmax_step, _finalize, _probs, _allowed, _cost)
+from kernels_pallas.common import NEG_INF, online_softmax_step
+from kernels_pallas._block_sparse_common import _NT, _Config, _scores, _finalize, _probs, _allowed, _cost
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # GPU (Triton) kernels: one program per (batch, head, tile); a fori_loop over the listed tiles.
-
-
-def _gpu_parse(refs, cfg: _Config, n_main: int):
-  refs = list(refs)
-  main, rest = refs[:n_main], refs[n_main:]
-  qseg_ref = kseg_ref = tbl_ref = None
-  if cfg.segments:
-    qseg_ref, kseg_ref, rest = rest[0], rest[1], rest[2:]
-  if cfg.table:
-    tbl_ref, rest = rest[0], rest[1:]
-  return main, qseg_ref, kseg_ref, tbl_ref, rest
 
 
 def _gpu_allowed(cfg, kind, q_abs, k_abs, tbl, qseg, kseg):
@@ -46,9 +35,9 @@ def _gpu_allowed(cfg, kind, q_abs, k_abs, tbl, qseg, kseg):
   return allowed | (kind == UNMASKED)
 
 
-def _gpu_fwd_kernel(idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config, counter: bool):
-  (q_ref, k_ref, v_ref), qseg_ref, kseg_ref, tbl_ref, rest = _gpu_parse(refs, cfg, 3)
-  o_ref, lse_ref = rest[0], rest[1]
+def _gpu_fwd_kernel(idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, tbl_ref, o_ref,
+                    lse_ref, visits_ref, *, cfg: _Config):
+  """Absent operands (segment ids, mask table, visit counter) arrive as None (None block spec)."""
   qi = pl.program_id(2)
   bq, bk = cfg.block_q, cfg.block_kv
   q = q_ref[...]
@@ -64,7 +53,7 @@ def _gpu_fwd_kernel(idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config, co
     kseg = kseg_ref[pl.ds(start, bk)][None, :] if cfg.segments else None
     allowed = _gpu_allowed(cfg, kind_ref[qi, t], q_abs, k_abs, tbl, qseg, kseg)
     s, _ = _scores(q, k_ref[pl.ds(start, bk), :], cfg)
-    return _online_softmax_step(s, allowed, v_ref[pl.ds(start, bk), :], m, l, acc)
+    return online_softmax_step(s, allowed, v_ref[pl.ds(start, bk), :], m, l, acc)
 
   count = cnt_ref[qi]
   init = (jnp.full((bq, 1), NEG_INF, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
@@ -73,8 +62,8 @@ def _gpu_fwd_kernel(idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config, co
   o, lse = _finalize(l, m, acc)
   o_ref[...] = o.astype(o_ref.dtype)
   lse_ref[...] = lse[:, 0]
-  if counter:
-    rest[2][...] = jnp.full((1,), count, jnp.int32)  # the loop ran exactly `count` tile steps
+  if visits_ref is not None:
+    visits_ref[...] = jnp.full((1,), count, jnp.int32)  # the loop ran exactly `count` tile steps
 
 
 def _gpu_params():
@@ -87,15 +76,16 @@ def _gpu_meta_specs(shape_list):
 
 def _gpu_q_grid_extras(cfg: _Config, qseg, kseg, bq: int, sp: int):
   """(specs, operands) after the main ones on the ``(b, h, q_tiles)`` grid of the forward and dQ passes: segment
-  ids (this tile's queries, all keys) and the host-built mask table, each when the call has them."""
-  specs, operands = [], []
+  ids (this tile's queries, all keys) and the host-built mask table; ``None`` (spec and operand) where the call has
+  none."""
+  specs, operands = [None, None, None], [None, None, None]
   if cfg.segments:
-    specs += [pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
-              pl.BlockSpec((None, sp), lambda bi, hi, qi: (bi, 0))]
-    operands += [qseg, kseg]
+    specs[:2] = [pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
+                 pl.BlockSpec((None, sp), lambda bi, hi, qi: (bi, 0))]
+    operands[:2] = [qseg, kseg]
   if cfg.table:
-    specs += _gpu_meta_specs([cfg.meta.partial_blocks.shape])
-    operands.append(jnp.asarray(cfg.meta.partial_blocks))
+    specs[2:] = _gpu_meta_specs([cfg.meta.partial_blocks.shape])
+    operands[2] = jnp.asarray(cfg.meta.partial_blocks)
   return specs, operands
 
 
@@ -115,23 +105,21 @@ def _gpu_fwd(cfg: _Config, q, k, v, qseg, kseg, counter: bool):
   in_specs += extra_specs
   operands += extra_operands
   out_specs = [pl.BlockSpec((None, None, bq, d), lambda bi, hi, qi: (bi, hi, qi, 0)),
-               pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi))]
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
-  if counter:
-    out_specs.append(pl.BlockSpec((None, None, 1), lambda bi, hi, qi: (bi, hi, qi)))
-    out_shape.append(jax.ShapeDtypeStruct((b, h, nq), jnp.int32))
+               pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)),
+               pl.BlockSpec((None, None, 1), lambda bi, hi, qi: (bi, hi, qi)) if counter else None]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32),
+               jax.ShapeDtypeStruct((b, h, nq), jnp.int32) if counter else None]
   outs = pl.pallas_call(
-      functools.partial(_gpu_fwd_kernel, cfg=cfg, counter=counter), grid=(b, h, nq), in_specs=in_specs,
+      functools.partial(_gpu_fwd_kernel, cfg=cfg), grid=(b, h, nq), in_specs=in_specs,
       out_specs=out_specs, out_shape=out_shape, compiler_params=_gpu_params(),
       cost_estimate=_cost(cfg, b, h, d, q.dtype.itemsize, "fwd"), interpret=cfg.interpret_arg,
       name=f"block_sparse_attention_fwd_gpu_bq{bq}_bk{bk}",
   )(*operands)
-  return (outs[0], outs[1], outs[2]) if counter else (outs[0], outs[1], None)
+  return outs[0], outs[1], outs[2]
 
 
-def _gpu_dq_kernel(idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config):
-  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qseg_ref, kseg_ref, tbl_ref, rest = _gpu_parse(refs, cfg, 6)
-  (dq_ref,) = rest
+def _gpu_dq_kernel(idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
+                   kseg_ref, tbl_ref, dq_ref, *, cfg: _Config):
   qi = pl.program_id(2)
   bq, bk = cfg.block_q, cfg.block_kv
   q, do = q_ref[...], do_ref[...]
@@ -158,9 +146,8 @@ def _gpu_dq_kernel(idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config):
   dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
 
 
-def _gpu_dkv_kernel(idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config):
-  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qseg_ref, kseg_ref, tbl_ref, rest = _gpu_parse(refs, cfg, 6)
-  dk_ref, dv_ref = rest
+def _gpu_dkv_kernel(idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                    qseg_ref, kseg_ref, tbl_ref, dk_ref, dv_ref, *, cfg: _Config):
   ki = pl.program_id(2)
   bq, bk = cfg.block_q, cfg.block_kv
   k, v = k_ref[...], v_ref[...]
@@ -236,10 +223,16 @@ def _gpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
     in_specs += [pl.BlockSpec((None, tp), lambda bi, kh, ki: (bi, 0)),
                  pl.BlockSpec((None, bk), lambda bi, kh, ki: (bi, ki))]
     operands += [qseg, kseg]
+  else:
+    in_specs += [None, None]
+    operands += [None, None]
   if cfg.table:
     pt = np.ascontiguousarray(meta.partial_blocks.transpose(0, 2, 1))
     in_specs += _gpu_meta_specs([pt.shape])
     operands.append(jnp.asarray(pt))
+  else:
+    in_specs.append(None)
+    operands.append(None)
   dk, dv = pl.pallas_call(
       functools.partial(_gpu_dkv_kernel, cfg=cfg), grid=(b, kvh, meta.num_kv_tiles), in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, None, bk, d), kb)] * 2,

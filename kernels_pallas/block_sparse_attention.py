@@ -1,6 +1,6 @@
 """Block-sparse flash attention (forward + backward) in Pallas, for TPU (Mosaic) and GPU (Triton).
 
-``block_sparse_attention(q, k, v, *, mask, ...)`` computes exactly :func:`ardiff.attention.reference_attention`
+``block_sparse_attention(q, k, v, *, mask, ...)`` computes exactly :func:`kernels_pallas.reference.reference_attention`
 (no ``q_offsets``/``kv_lengths``: queries and keys start at position 0) but visits only the (query tile, kv tile)
 pairs that the static mask does not rule out. Shapes: ``q [b, T, h, d]``, ``k, v [b, S, kvh, d]``, ``kvh | h``
 (GQA: query head ``i`` reads kv head ``i // (h // kvh)``).
@@ -50,35 +50,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ardiff import attention as attention_lib
 from ardiff import masks as masks_lib
-from kernels_pallas import block_sparse_metadata as meta_lib
+from kernels_pallas import common
+from kernels_pallas import reference as reference_lib
 from kernels_pallas.block_sparse_metadata import MASKED, UNMASKED
-from kernels_pallas._block_sparse_common import (NEG_INF, BACKENDS, DEFAULT_BLOCKS, _NT, _Config,
-                                                 _scores, _online_softmax_step, _finalize, _probs, _allowed, _cost)
+from kernels_pallas.common import NEG_INF, online_softmax_step
+from kernels_pallas._block_sparse_common import (DEFAULT_BLOCKS, _NT, _Config, _scores, _finalize, _probs, _allowed,
+                                                 _cost)
 from kernels_pallas._block_sparse_gpu import _gpu_bwd, _gpu_fwd
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Validation.
-
-
-def _resolve_backend(backend: Optional[str], interpret) -> str:
-  if backend is None:
-    backend = jax.default_backend()
-    if backend not in BACKENDS:
-      raise ValueError(
-          f"block_sparse_attention runs on TPU or GPU, but jax.default_backend() is {backend!r}; on this host pass "
-          f"backend='tpu' or backend='gpu' together with interpret=True to run that kernel in the interpreter.")
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {BACKENDS} or None (jax.default_backend()), got {backend!r}.")
-  if isinstance(interpret, pltpu.InterpretParams) and backend != "tpu":
-    raise ValueError("interpret=pltpu.InterpretParams(...) is for backend='tpu'; use interpret=True for 'gpu'.")
-  return backend
-
-
-def _is_pow2(x: int) -> bool:
-  return x > 0 and (x & (x - 1)) == 0
 
 
 def _check_block(backend: str, name: str, block: int, length: int) -> None:
@@ -92,7 +75,7 @@ def _check_block(backend: str, name: str, block: int, length: int) -> None:
           f"TPU: {name}={block} must be a multiple of 128 (or a multiple of 8 that covers the whole length "
           f"{length}); e.g. {name}=128.")
   else:
-    if not _is_pow2(block) or block < 16:
+    if not common.is_pow2(block) or block < 16:
       raise ValueError(f"GPU (Triton): {name}={block} must be a power of two >= 16; e.g. {name}=64.")
 
 
@@ -147,19 +130,10 @@ def _validate(q, k, v, q_segment_ids, kv_segment_ids, mask, sm_scale, logit_soft
 # TPU (Mosaic) kernels.
 
 
-def _tpu_fwd_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config, counter: bool):
-  refs = list(refs)
-  q_ref, k_ref, v_ref = refs[:3]
-  rest = refs[3:]
-  qseg_ref = kseg_ref = tbl_ref = cnt_out_ref = None
-  if cfg.segments:
-    qseg_ref, kseg_ref, rest = rest[0], rest[1], rest[2:]
-  if cfg.table:
-    tbl_ref, rest = rest[0], rest[1:]
-  o_ref, lse_ref, rest = rest[0], rest[1], rest[2:]
-  if counter:
-    cnt_out_ref, rest = rest[0], rest[1:]
-  m_scr, l_scr, acc_scr = rest
+def _tpu_fwd_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, tbl_ref,
+                    o_ref, lse_ref, cnt_out_ref, m_scr, l_scr, acc_scr, *, cfg: _Config):
+  """Absent operands (segment ids, mask table, visit counter) arrive as None (None block spec)."""
+  counter = cnt_out_ref is not None
   bi, hi, qi, j = (pl.program_id(i) for i in range(4))
   bq, bk = cfg.block_q, cfg.block_kv
 
@@ -180,7 +154,7 @@ def _tpu_fwd_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config,
     s, _ = _scores(q_ref[...], k_ref[...], cfg)
     allowed = _allowed(cfg, q_abs, k_abs, tbl_ref[...] if (masked and cfg.table) else None,
                        qseg_ref[...] if cfg.segments else None, kseg_ref[...] if cfg.segments else None, masked)
-    m, l, acc = _online_softmax_step(s, allowed, v_ref[...], m_scr[...], l_scr[...], acc_scr[...])
+    m, l, acc = online_softmax_step(s, allowed, v_ref[...], m_scr[...], l_scr[...], acc_scr[...])
     m_scr[...], l_scr[...], acc_scr[...] = m, l, acc
     if counter:
       cnt_out_ref[bi, hi, qi] += 1
@@ -195,8 +169,27 @@ def _tpu_fwd_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config,
     lse_ref[...] = lse
 
 
-def _tpu_seg_specs(cfg, q_map_col, k_map_row):
-  return [pl.BlockSpec((None, cfg.block_q, 1), q_map_col), pl.BlockSpec((None, 1, cfg.block_kv), k_map_row)]
+def _tpu_segments(cfg: _Config, qseg, kseg, q_map, k_map, transposed: bool = False):
+  """(specs, operands) of the query/key segment ids, ``[None, None]`` twice without packing. Query ids are a
+  column ``(bq, 1)`` and key ids a row ``(1, bk)`` of the ``[bq, bk]`` score tile (``transposed``: the dK/dV
+  kernel's ``[bk, bq]`` tile, ids the other way round)."""
+  if not cfg.segments:
+    return [None, None], [None, None]
+  if transposed:
+    return ([pl.BlockSpec((None, 1, cfg.block_q), q_map), pl.BlockSpec((None, cfg.block_kv, 1), k_map)],
+            [qseg[:, None, :], kseg[:, :, None]])
+  return ([pl.BlockSpec((None, cfg.block_q, 1), q_map), pl.BlockSpec((None, 1, cfg.block_kv), k_map)],
+          [qseg[:, :, None], kseg[:, None, :]])
+
+
+def _tpu_table(cfg: _Config, block_map, transposed: bool):
+  """(spec, operand) of the host-built mask tiles (table masks only; else ``(None, None)``)."""
+  if not cfg.table:
+    return None, None
+  blocks = cfg.meta.partial_blocks
+  if transposed:
+    blocks = np.ascontiguousarray(blocks.transpose(0, 2, 1))
+  return pl.BlockSpec((None,) + blocks.shape[1:], block_map), jnp.asarray(blocks)
 
 
 def _tpu_fwd(cfg: _Config, q, k, v, qseg, kseg, counter: bool):
@@ -208,47 +201,33 @@ def _tpu_fwd(cfg: _Config, q, k, v, qseg, kseg, counter: bool):
 
   q_map = lambda bi, hi, qi, j, idx, kind, cnt, blk: (bi, hi, qi, 0)
   kv_map = lambda bi, hi, qi, j, idx, kind, cnt, blk: (bi, hi // g, idx[qi, j], 0)
+  seg_specs, seg_operands = _tpu_segments(cfg, qseg, kseg, lambda bi, hi, qi, j, *_: (bi, qi, 0),
+                                           lambda bi, hi, qi, j, idx, *_: (bi, 0, idx[qi, j]))
+  tbl_spec, tbl = _tpu_table(cfg, lambda bi, hi, qi, j, idx, kind, cnt, blk: (blk[qi, j], 0, 0), False)
   in_specs = [pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bk, d), kv_map),
-              pl.BlockSpec((None, None, bk, d), kv_map)]
-  operands = [q, k, v]
-  if cfg.segments:
-    in_specs += _tpu_seg_specs(cfg, lambda bi, hi, qi, j, idx, kind, cnt, blk: (bi, qi, 0),
-                               lambda bi, hi, qi, j, idx, kind, cnt, blk: (bi, 0, idx[qi, j]))
-    operands += [qseg[:, :, None], kseg[:, None, :]]
-  if cfg.table:
-    in_specs.append(pl.BlockSpec((None, bq, bk), lambda bi, hi, qi, j, idx, kind, cnt, blk: (blk[qi, j], 0, 0)))
-    operands.append(jnp.asarray(meta.partial_blocks))
-  out_specs = [pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bq, 1), q_map)]
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp, 1), jnp.float32)]
-  if counter:
-    out_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
-    out_shape.append(jax.ShapeDtypeStruct((b, h, nq), jnp.int32))
+              pl.BlockSpec((None, None, bk, d), kv_map), *seg_specs, tbl_spec]
+  operands = [q, k, v, *seg_operands, tbl]
+  out_specs = [pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bq, 1), q_map),
+               pl.BlockSpec(memory_space=pltpu.SMEM) if counter else None]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp, 1), jnp.float32),
+               jax.ShapeDtypeStruct((b, h, nq), jnp.int32) if counter else None]
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=4, grid=(b, h, nq, width), in_specs=in_specs, out_specs=out_specs,
       scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                       pltpu.VMEM((bq, d), jnp.float32)])
   sem = ("arbitrary",) * 4 if counter else ("parallel", "parallel", "parallel", "arbitrary")
   outs = pl.pallas_call(
-      functools.partial(_tpu_fwd_kernel, cfg=cfg, counter=counter), grid_spec=grid_spec, out_shape=out_shape,
+      functools.partial(_tpu_fwd_kernel, cfg=cfg), grid_spec=grid_spec, out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=sem),
       cost_estimate=_cost(cfg, b, h, d, q.dtype.itemsize, "fwd"),
       interpret=cfg.interpret_arg, name=f"block_sparse_attention_fwd_tpu_bq{bq}_bk{bk}",
   )(jnp.asarray(meta.fwd_kv_index), jnp.asarray(meta.fwd_kind), jnp.asarray(meta.fwd_count),
     jnp.asarray(meta.fwd_block_id), *operands)
-  o, lse = outs[0], outs[1][..., 0]
-  return (o, lse, outs[2]) if counter else (o, lse, None)
+  return outs[0], outs[1][..., 0], outs[2]
 
 
-def _tpu_dq_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config):
-  refs = list(refs)
-  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
-  rest = refs[6:]
-  qseg_ref = kseg_ref = tbl_ref = None
-  if cfg.segments:
-    qseg_ref, kseg_ref, rest = rest[0], rest[1], rest[2:]
-  if cfg.table:
-    tbl_ref, rest = rest[0], rest[1:]
-  dq_ref, dq_scr = rest
+def _tpu_dq_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
+                   kseg_ref, tbl_ref, dq_ref, dq_scr, *, cfg: _Config):
   qi, j = pl.program_id(2), pl.program_id(3)
   bq, bk = cfg.block_q, cfg.block_kv
 
@@ -281,16 +260,8 @@ def _tpu_dq_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config):
     dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
 
 
-def _tpu_dkv_kernel(q_idx_ref, kind_ref, cnt_ref, blk_ref, *refs, cfg: _Config):
-  refs = list(refs)
-  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
-  rest = refs[6:]
-  qseg_ref = kseg_ref = tbl_ref = None
-  if cfg.segments:
-    qseg_ref, kseg_ref, rest = rest[0], rest[1], rest[2:]
-  if cfg.table:
-    tbl_ref, rest = rest[0], rest[1:]
-  dk_ref, dv_ref, dk_scr, dv_scr = rest
+def _tpu_dkv_kernel(q_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                    qseg_ref, kseg_ref, tbl_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, cfg: _Config):
   ki, gi, j = pl.program_id(2), pl.program_id(3), pl.program_id(4)
   bq, bk = cfg.block_q, cfg.block_kv
 
@@ -340,17 +311,14 @@ def _tpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
   nq, wf = meta.num_q_tiles, meta.fwd_width
   q_map = lambda bi, hi, qi, j, *_: (bi, hi, qi, 0)
   kv_map = lambda bi, hi, qi, j, idx, *_: (bi, hi // g, idx[qi, j], 0)
+  seg_specs, seg_operands = _tpu_segments(cfg, qseg, kseg, lambda bi, hi, qi, j, *_: (bi, qi, 0),
+                                           lambda bi, hi, qi, j, idx, *_: (bi, 0, idx[qi, j]))
+  tbl_spec, tbl = _tpu_table(cfg, lambda bi, hi, qi, j, idx, kind, cnt, blk: (blk[qi, j], 0, 0), False)
   in_specs = [pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bk, d), kv_map),
               pl.BlockSpec((None, None, bk, d), kv_map), pl.BlockSpec((None, None, bq, d), q_map),
-              pl.BlockSpec((None, None, bq, 1), q_map), pl.BlockSpec((None, None, bq, 1), q_map)]
-  operands = [q, k, v, do, lse[..., None], delta[..., None]]
-  if cfg.segments:
-    in_specs += _tpu_seg_specs(cfg, lambda bi, hi, qi, j, *_: (bi, qi, 0),
-                               lambda bi, hi, qi, j, idx, *_: (bi, 0, idx[qi, j]))
-    operands += [qseg[:, :, None], kseg[:, None, :]]
-  if cfg.table:
-    in_specs.append(pl.BlockSpec((None, bq, bk), lambda bi, hi, qi, j, idx, kind, cnt, blk: (blk[qi, j], 0, 0)))
-    operands.append(jnp.asarray(meta.partial_blocks))
+              pl.BlockSpec((None, None, bq, 1), q_map), pl.BlockSpec((None, None, bq, 1), q_map), *seg_specs,
+              tbl_spec]
+  operands = [q, k, v, do, lse[..., None], delta[..., None], *seg_operands, tbl]
   dq = pl.pallas_call(
       functools.partial(_tpu_dq_kernel, cfg=cfg),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -369,17 +337,15 @@ def _tpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
   qh_map = lambda bi, kh, ki, gi, j, idx, *_: (bi, kh * g + gi, idx[ki, j], 0)
   row_map = lambda bi, kh, ki, gi, j, idx, *_: (bi, kh * g + gi, 0, idx[ki, j])
   k_map = lambda bi, kh, ki, gi, j, *_: (bi, kh, ki, 0)
+  seg_specs, seg_operands = _tpu_segments(cfg, qseg, kseg,
+                                           lambda bi, kh, ki, gi, j, idx, *_: (bi, 0, idx[ki, j]),
+                                           lambda bi, kh, ki, gi, j, *_: (bi, ki, 0), transposed=True)
+  tbl_spec, tbl = _tpu_table(cfg, lambda bi, kh, ki, gi, j, idx, kind, cnt, blk: (blk[ki, j], 0, 0), True)
   in_specs = [pl.BlockSpec((None, None, bq, d), qh_map), pl.BlockSpec((None, None, bk, d), k_map),
               pl.BlockSpec((None, None, bk, d), k_map), pl.BlockSpec((None, None, bq, d), qh_map),
-              pl.BlockSpec((None, None, 1, bq), row_map), pl.BlockSpec((None, None, 1, bq), row_map)]
-  operands = [q, k, v, do, lse[:, :, None, :], delta[:, :, None, :]]
-  if cfg.segments:
-    in_specs += [pl.BlockSpec((None, 1, bq), lambda bi, kh, ki, gi, j, idx, *_: (bi, 0, idx[ki, j])),
-                 pl.BlockSpec((None, bk, 1), lambda bi, kh, ki, gi, j, *_: (bi, ki, 0))]
-    operands += [qseg[:, None, :], kseg[:, :, None]]
-  if cfg.table:
-    in_specs.append(pl.BlockSpec((None, bk, bq), lambda bi, kh, ki, gi, j, idx, kind, cnt, blk: (blk[ki, j], 0, 0)))
-    operands.append(jnp.asarray(np.ascontiguousarray(meta.partial_blocks.transpose(0, 2, 1))))
+              pl.BlockSpec((None, None, 1, bq), row_map), pl.BlockSpec((None, None, 1, bq), row_map), *seg_specs,
+              tbl_spec]
+  operands = [q, k, v, do, lse[:, :, None, :], delta[:, :, None, :], *seg_operands, tbl]
   kv_out = pl.BlockSpec((None, None, bk, d), k_map)
   dk, dv = pl.pallas_call(
       functools.partial(_tpu_dkv_kernel, cfg=cfg),
@@ -432,7 +398,7 @@ def block_sparse_attention(q, k, v, *, mask: masks_lib.Mask, q_segment_ids=None,
                            sm_scale: Optional[float] = None, logit_soft_cap: Optional[float] = None,
                            block_q: Optional[int] = None, block_kv: Optional[int] = None,
                            backend: Optional[str] = None, interpret=False, debug_counter: bool = False):
-  """Block-sparse flash attention; same result as :func:`ardiff.attention.reference_attention`.
+  """Block-sparse flash attention; same result as :func:`kernels_pallas.reference.reference_attention`.
 
   Args:
     q: ``[b, T, h, d]``; k, v: ``[b, S, kvh, d]`` with ``kvh | h``. One floating dtype.
@@ -449,10 +415,10 @@ def block_sparse_attention(q, k, v, *, mask: masks_lib.Mask, q_segment_ids=None,
     ``[b, T, h, d]`` in q's dtype (or ``(out, visits)`` with ``debug_counter``). Differentiable w.r.t. q, k, v.
   """
   _validate(q, k, v, q_segment_ids, kv_segment_ids, mask, sm_scale, logit_soft_cap)
-  backend = _resolve_backend(backend, interpret)
+  backend = common.resolve_backend(backend, interpret, kernel="block-sparse attention")
   b, t, h, d = q.shape
   s, kvh = k.shape[1], k.shape[2]
-  if backend == "gpu" and not _is_pow2(d):
+  if backend == "gpu" and not common.is_pow2(d):
     raise ValueError(f"GPU (Triton): head_dim={d} must be a power of two; pad the head dim or use backend='tpu'.")
   bq = _default_block(backend, t) if block_q is None else block_q
   bk = _default_block(backend, s) if block_kv is None else block_kv
@@ -462,7 +428,7 @@ def block_sparse_attention(q, k, v, *, mask: masks_lib.Mask, q_segment_ids=None,
   cfg = _Config(mask=mask, q_len=t, kv_len=s, block_q=int(bq), block_kv=int(bk), groups=h // kvh,
                 sm_scale=float(d ** -0.5 if sm_scale is None else sm_scale),
                 logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap), backend=backend,
-                interpret=interpret, table=not meta_lib.predicate_runs_in_kernel(mask), segments=segments)
+                interpret=interpret, table=not common.predicate_runs_in_kernel(mask), segments=segments)
   meta = cfg.meta
   tp, sp = meta.padded_q_len, meta.padded_kv_len
   with jax.named_scope("block_sparse_attention"):
@@ -492,9 +458,9 @@ def block_sparse_attention_reference(q, k, v, *, mask: masks_lib.Mask, q_segment
   """
   del backend, interpret
   _validate(q, k, v, q_segment_ids, kv_segment_ids, mask, sm_scale, logit_soft_cap)
-  out = attention_lib.reference_attention(q, k, v, mask=mask, q_segment_ids=q_segment_ids,
-                                          kv_segment_ids=kv_segment_ids, sm_scale=sm_scale,
-                                          logit_soft_cap=logit_soft_cap)
+  out = reference_lib.reference_attention(q, k, v, mask=mask, q_segment_ids=q_segment_ids,
+                                         kv_segment_ids=kv_segment_ids, sm_scale=sm_scale,
+                                         logit_soft_cap=logit_soft_cap)
   if not debug_counter:
     return out
   b, t, h, _ = q.shape

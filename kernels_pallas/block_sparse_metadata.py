@@ -1,7 +1,7 @@
 """Host-side sparsity metadata for the block-sparse flash-attention kernels.
 
 Built once per static ``(mask, q_len, kv_len, block_q, block_kv)`` from ``mask.block_classes`` (cached), in the
-"grid shrinking" form of Splash attention (anchors §9.3):
+"grid shrinking" form of Splash attention (docs/algorithms.md §3.6):
 
 * forward / dQ pass, per query tile ``i``: ``fwd_kv_index[i, :fwd_count[i]]`` are the non-empty kv tiles packed to
   the left; the padding repeats the last listed tile (so a grid step past the count maps to the block the previous
@@ -24,11 +24,10 @@ import dataclasses
 import functools
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ardiff import masks as masks_lib
+from kernels_pallas import common
 
 PAD, MASKED, UNMASKED = 0, 1, 2
 
@@ -83,33 +82,6 @@ class BlockSparseMetadata:
     return self.num_kv_tiles * self.block_kv
 
 
-@functools.lru_cache(maxsize=256)
-def predicate_runs_in_kernel(mask: masks_lib.Mask) -> bool:
-  """Whether ``mask.predicate`` is pure elementwise integer arithmetic on jnp arrays (no captured tables)."""
-  try:
-    closed = jax.make_jaxpr(mask.predicate)(jax.ShapeDtypeStruct((8, 1), jnp.int32),
-                                            jax.ShapeDtypeStruct((1, 128), jnp.int32))
-  except Exception:  # noqa: BLE001 - anything jnp cannot trace needs the host-built table
-    return False
-  if closed.consts:
-    return False
-
-  def plain(jaxpr) -> bool:
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in ("gather", "dynamic_slice", "scatter"):
-        return False
-      for param in eqn.params.values():  # sub-jaxprs (pjit, custom_jvp_call, ...)
-        inner = getattr(param, "jaxpr", None)
-        if inner is not None:
-          if getattr(param, "consts", None):
-            return False
-          if not plain(getattr(inner, "jaxpr", inner)):
-            return False
-    return True
-
-  return plain(closed.jaxpr)
-
-
 def _pack(classes: np.ndarray, edge_masked: np.ndarray):
   """Per row of ``classes`` (int8 [rows, cols]): packed non-empty column indices, kinds, counts."""
   rows, cols = classes.shape
@@ -137,7 +109,7 @@ def build_metadata(mask: masks_lib.Mask, q_len: int, kv_len: int, block_q: int, 
   ``table=None`` decides from the mask whether the predicate can run in the kernel.
   """
   if table is None:
-    table = not predicate_runs_in_kernel(mask)
+    table = not common.predicate_runs_in_kernel(mask)
   classes = mask.block_classes(q_len, kv_len, block_q=block_q, block_kv=block_kv)
   nq, nk = classes.shape
   edge = np.zeros((nq, nk), bool)

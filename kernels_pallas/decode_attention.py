@@ -1,15 +1,15 @@
-"""Decode attention against a static-shape KV cache, and the in-place cache write.
+"""Decode attention against a static-shape KV cache.
 
-The cached forward of the model (``ardiff.attention``) works on a per-layer cache
+The cached forward of the model works on a per-layer cache
 
 * ``k_cache, v_cache: [batch, max_len, kv_heads, head_dim]`` and ``lengths: int32[batch]`` (clean entries per row);
-* a forward of ``T`` new tokens first writes their K/V rows at ``[lengths[b], lengths[b] + T)`` (:func:`write_kv`),
-  then attends ``q: [batch, T, heads, head_dim]`` to the cache (:func:`decode_attention`) with query ``i`` of row
-  ``b`` at absolute index ``q_offsets[b] + i`` and key ``j`` allowed iff
-  ``mask.predicate(q_offsets[b] + i, j) & (j < kv_lengths[b])``.
+* a forward of ``T`` new tokens first writes their K/V rows at ``[lengths[b], lengths[b] + T)`` (XLA's
+  ``dynamic_update_slice``, in place on a donated cache), then attends ``q: [batch, T, heads, head_dim]`` to the
+  cache (:func:`decode_attention`) with query ``i`` of row ``b`` at absolute index ``q_offsets[b] + i`` and key
+  ``j`` allowed iff ``mask.predicate(q_offsets[b] + i, j) & (j < kv_lengths[b])``.
 
-Both have pure-JAX references beside them (:func:`decode_attention_reference`, :func:`write_kv_reference`); the
-attention reference is exactly :func:`ardiff.attention.reference_attention`.
+The pure-JAX reference beside it, :func:`decode_attention_reference`, is exactly
+:func:`kernels_pallas.reference.reference_attention`.
 
 Kernels
 -------
@@ -43,18 +43,16 @@ import functools
 from typing import Optional
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from ardiff import attention as attention_lib
 from ardiff import masks as masks_lib
-
-NEG_INF = -1e30  # finite: a fully masked row never produces inf - inf
-BACKENDS = ("tpu", "gpu")
+from kernels_pallas import common
+from kernels_pallas import reference as reference_lib
+from kernels_pallas.common import NEG_INF, online_softmax_step
 _TPU_BLOCK_KV_CANDIDATES = (512, 256, 128)
 _GPU_BLOCK_KV_CANDIDATES = (128, 64, 32, 16)
 _GPU_MIN_ROWS = 16  # tl.dot needs M >= 16
@@ -62,58 +60,6 @@ _GPU_MIN_ROWS = 16  # tl.dot needs M >= 16
 
 # ------------------------------------------------------------------------------------------------------------------
 # Helpers shared by both kernels.
-
-
-def resolve_backend(backend: Optional[str], interpret) -> str:
-  """``backend`` if given, else ``jax.default_backend()`` (which must then be TPU or GPU)."""
-  if backend is None:
-    backend = jax.default_backend()
-    if backend == "cpu":
-      raise ValueError(
-          "Pallas decode kernels run on TPU or GPU; on CPU pass backend='tpu' or backend='gpu' together with "
-          "interpret=True to run that kernel in an interpreter (tests do this).")
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {BACKENDS} (or None for jax.default_backend()), got {backend!r}.")
-  # An explicit backend is trusted without interpret: that is how AOT compiles for a TPU topology from a CPU host
-  # work. Running it eagerly on the wrong host fails in pallas_call ("Only interpret mode is supported ...").
-  return backend
-
-
-def _interpret_arg(backend: str, interpret):
-  if not interpret:
-    return False
-  if backend == "tpu":
-    return interpret if isinstance(interpret, pltpu.InterpretParams) else pltpu.InterpretParams()
-  if isinstance(interpret, pltpu.InterpretParams):
-    raise ValueError("pltpu.InterpretParams is for backend='tpu'; use interpret=True for backend='gpu'.")
-  return True
-
-
-def _is_pow2(x: int) -> bool:
-  return x > 0 and (x & (x - 1)) == 0
-
-
-@functools.lru_cache(maxsize=256)
-def _predicate_in_kernel(mask: masks_lib.Mask) -> bool:
-  """Whether ``mask.predicate`` is pure elementwise integer arithmetic (no captured tables, no gathers)."""
-  try:
-    closed = jax.make_jaxpr(mask.predicate)(jax.ShapeDtypeStruct((8, 1), jnp.int32),
-                                            jax.ShapeDtypeStruct((1, 128), jnp.int32))
-  except Exception:  # noqa: BLE001 - anything jnp cannot trace abstractly goes through the XLA-computed table
-    return False
-
-  def plain(closed_jaxpr) -> bool:
-    if closed_jaxpr.consts:
-      return False
-    for eqn in closed_jaxpr.jaxpr.eqns:
-      if eqn.primitive.name in ("gather", "dynamic_slice"):
-        return False
-      for v in eqn.params.values():  # nested calls (pjit, custom_jvp, ...) carry ClosedJaxprs
-        if isinstance(v, jax.extend.core.ClosedJaxpr) and not plain(v):
-          return False
-    return True
-
-  return plain(closed)
 
 
 def _check_inputs(q, k_cache, v_cache, q_offsets, kv_lengths):
@@ -169,9 +115,9 @@ def _check_block_kv(backend: str, s: int, bk: int, table: bool, d: int):
       raise ValueError(f"TPU: with a table mask (e.g. masks.Explicit) block_kv={bk} must be a multiple of 128 "
                        f"(lane tiling of the mask tile) or equal max_len={s}.")
   else:
-    if not _is_pow2(bk) or bk < 16:
+    if not common.is_pow2(bk) or bk < 16:
       raise ValueError(f"GPU (Triton): block_kv={bk} must be a power of two >= 16.")
-    if not _is_pow2(d):
+    if not common.is_pow2(d):
       raise ValueError(f"GPU (Triton): head_dim={d} must be a power of two.")
 
 
@@ -184,17 +130,6 @@ def _mask_table(mask, q_offsets, t: int, g: int, s: int, rows: int):
   if rows > t * g:
     allowed = jnp.pad(allowed, ((0, 0), (0, rows - t * g), (0, 0)))
   return allowed
-
-
-def _tile_update(s, allowed, v, m_prev, l_prev, acc_prev):
-  """One online-softmax step. ``s``: f32 [R, bk] logits; returns the new (m, l, acc)."""
-  s = jnp.where(allowed, s, NEG_INF)
-  m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
-  p = jnp.where(allowed, jnp.exp(s - m_new), 0.0)
-  alpha = jnp.exp(m_prev - m_new)
-  l_new = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
-  pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-  return m_new, l_new, alpha * acc_prev + pv
 
 
 def _logits(q, k, sm_scale, logit_soft_cap):
@@ -215,12 +150,9 @@ def _query_index(q_off, rows: int, cols: int, g: int):
 # TPU (Mosaic) kernel.
 
 
-def _tpu_kernel(qoff_ref, kvlen_ref, q_ref, k_ref, v_ref, *rest, kvh, d, g, bk, sm_scale, logit_soft_cap, mask,
-                table):
-  if table:
-    tbl_ref, o_ref, m_sc, l_sc, acc_sc = rest
-  else:
-    o_ref, m_sc, l_sc, acc_sc = rest
+def _tpu_kernel(qoff_ref, kvlen_ref, q_ref, k_ref, v_ref, tbl_ref, o_ref, m_sc, l_sc, acc_sc, *, kvh, d, g, bk,
+                sm_scale, logit_soft_cap, mask):
+  """``tbl_ref`` is None (None block spec) unless the mask needs its table."""
   bi, j = pl.program_id(0), pl.program_id(1)
   nk = pl.num_programs(1)
   kv_len = kvlen_ref[bi]
@@ -236,7 +168,7 @@ def _tpu_kernel(qoff_ref, kvlen_ref, q_ref, k_ref, v_ref, *rest, kvh, d, g, bk, 
   def _compute():
     k_abs = j * bk + jax.lax.broadcasted_iota(jnp.int32, (rows, bk), 1)
     allowed = k_abs < kv_len
-    if table:
+    if tbl_ref is not None:
       allowed = allowed & (tbl_ref[...] != 0)
     else:
       allowed = allowed & mask.predicate(_query_index(qoff_ref[bi], rows, bk, g), k_abs)
@@ -244,7 +176,7 @@ def _tpu_kernel(qoff_ref, kvlen_ref, q_ref, k_ref, v_ref, *rest, kvh, d, g, bk, 
       k = k_ref[:, h, :]
       v = v_ref[:, h, :]
       s = _logits(q_ref[h], k, sm_scale, logit_soft_cap)
-      m, l, acc = _tile_update(s, allowed, v, m_sc[h], l_sc[h], acc_sc[h])
+      m, l, acc = online_softmax_step(s, allowed, v, m_sc[h], l_sc[h], acc_sc[h])
       m_sc[h], l_sc[h], acc_sc[h] = m, l, acc
 
   @pl.when(j == nk - 1)
@@ -275,10 +207,8 @@ def _decode_tpu(qg, k_cache, v_cache, q_offsets, kv_lengths, tbl, *, g, bk, sm_s
     # ahead of the call, reading every tile we mean to skip (seen in compiled HLO when a table mask is computed).
     k_cache = pltpu.with_memory_space_constraint(k_cache, pltpu.HBM)
     v_cache = pltpu.with_memory_space_constraint(v_cache, pltpu.HBM)
-  operands = [qg, k_cache, v_cache]
-  if tbl is not None:
-    in_specs.append(pl.BlockSpec((None, rows, bk), tbl_map))
-    operands.append(tbl)
+  in_specs.append(None if tbl is None else pl.BlockSpec((None, rows, bk), tbl_map))
+  operands = [qg, k_cache, v_cache, tbl]
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2, grid=(b, nk), in_specs=in_specs,
       out_specs=pl.BlockSpec((None, kvh, rows, d), lambda bi, j, *_: (bi, 0, 0, 0)),
@@ -286,7 +216,7 @@ def _decode_tpu(qg, k_cache, v_cache, q_offsets, kv_lengths, tbl, *, g, bk, sm_s
                       pltpu.VMEM((kvh, rows, d), jnp.float32)])
   itemsize = jnp.dtype(k_cache.dtype).itemsize
   kernel = functools.partial(_tpu_kernel, kvh=kvh, d=d, g=g, bk=bk, sm_scale=sm_scale,
-                             logit_soft_cap=logit_soft_cap, mask=mask, table=tbl is not None)
+                             logit_soft_cap=logit_soft_cap, mask=mask)
   return pl.pallas_call(
       kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(qg.shape, qg.dtype),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
@@ -300,11 +230,9 @@ def _decode_tpu(qg, k_cache, v_cache, q_offsets, kv_lengths, tbl, *, g, bk, sm_s
 # GPU (Triton) kernel.
 
 
-def _gpu_kernel(sc_ref, q_ref, k_ref, v_ref, *rest, g, bk, sm_scale, logit_soft_cap, mask, table):
-  if table:
-    tbl_ref, o_ref = rest
-  else:
-    (o_ref,) = rest
+def _gpu_kernel(sc_ref, q_ref, k_ref, v_ref, tbl_ref, o_ref, *, g, bk, sm_scale, logit_soft_cap, mask):
+  """``tbl_ref`` is None (None block spec) unless the mask needs its table."""
+  table = tbl_ref is not None
   q_off, kv_len = sc_ref[0], sc_ref[1]
   rows, d = q_ref.shape
   q = q_ref[...]
@@ -321,7 +249,7 @@ def _gpu_kernel(sc_ref, q_ref, k_ref, v_ref, *rest, g, bk, sm_scale, logit_soft_
       allowed = allowed & (tbl_ref[:, pl.ds(start, bk)] != 0)
     else:
       allowed = allowed & mask.predicate(q_abs, k_abs)
-    return _tile_update(_logits(q, k, sm_scale, logit_soft_cap), allowed, v, m, l, acc)
+    return online_softmax_step(_logits(q, k, sm_scale, logit_soft_cap), allowed, v, m, l, acc)
 
   init = (jnp.full((rows, 1), NEG_INF, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
           jnp.zeros((rows, d), jnp.float32))
@@ -338,12 +266,10 @@ def _decode_gpu(qg, k_cache, v_cache, q_offsets, kv_lengths, tbl, *, g, bk, sm_s
               pl.BlockSpec((None, None, rows, d), lambda bi, h: (bi, h, 0, 0)),
               pl.BlockSpec((None, s, None, d), lambda bi, h: (bi, 0, h, 0)),
               pl.BlockSpec((None, s, None, d), lambda bi, h: (bi, 0, h, 0))]
-  operands = [scalars, qg, k_cache, v_cache]
-  if tbl is not None:
-    in_specs.append(pl.BlockSpec((None, rows, s), lambda bi, h: (bi, 0, 0)))
-    operands.append(tbl)
+  in_specs.append(None if tbl is None else pl.BlockSpec((None, rows, s), lambda bi, h: (bi, 0, 0)))
+  operands = [scalars, qg, k_cache, v_cache, tbl]
   kernel = functools.partial(_gpu_kernel, g=g, bk=bk, sm_scale=sm_scale, logit_soft_cap=logit_soft_cap,
-                             mask=mask, table=tbl is not None)
+                             mask=mask)
   itemsize = jnp.dtype(k_cache.dtype).itemsize
   return pl.pallas_call(
       kernel, grid=(b, kvh), in_specs=in_specs,
@@ -381,18 +307,18 @@ def decode_attention(q, k_cache, v_cache, *, q_offsets, kv_lengths, mask: masks_
 
   Returns:
     ``[batch, T, heads, head_dim]`` in ``q.dtype``; rows that see no key are zeros. Equals
-    ``ardiff.attention.reference_attention(q, k_cache, v_cache, mask=mask, q_offsets=q_offsets,
+    ``kernels_pallas.reference.reference_attention(q, k_cache, v_cache, mask=mask, q_offsets=q_offsets,
     kv_lengths=kv_lengths, ...)``.
   """
   _check_inputs(q, k_cache, v_cache, q_offsets, kv_lengths)
   if not isinstance(mask, masks_lib.Mask):
     raise ValueError(f"mask must be an ardiff.masks.Mask, got {type(mask).__name__}.")
-  backend = resolve_backend(backend, interpret)
-  interpret = _interpret_arg(backend, interpret)
+  backend = common.resolve_backend(backend, interpret, kernel="decode")
+  interpret = common.interpret_arg(backend, interpret)
   b, t, h, d = q.shape
   s, kvh = k_cache.shape[1], k_cache.shape[2]
   g = h // kvh
-  table = not _predicate_in_kernel(mask)
+  table = not common.predicate_runs_in_kernel(mask)
   bk = _default_block_kv(backend, s) if block_kv is None else block_kv
   _check_block_kv(backend, s, bk, table, d)
   sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
@@ -416,112 +342,7 @@ def decode_attention(q, k_cache, v_cache, *, q_offsets, kv_lengths, mask: masks_
 
 def decode_attention_reference(q, k_cache, v_cache, *, q_offsets, kv_lengths, mask: masks_lib.Mask,
                                sm_scale: Optional[float] = None, logit_soft_cap: Optional[float] = None):
-  """Pure-JAX reference: the dense masked softmax of :func:`ardiff.attention.reference_attention`."""
+  """Pure-JAX reference: the dense masked softmax of :func:`kernels_pallas.reference.reference_attention`."""
   _check_inputs(q, k_cache, v_cache, q_offsets, kv_lengths)
-  return attention_lib.reference_attention(q, k_cache, v_cache, mask=mask, q_offsets=q_offsets,
-                                           kv_lengths=kv_lengths, sm_scale=sm_scale,
-                                           logit_soft_cap=logit_soft_cap)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# In-place cache write.
-
-
-def _check_write(k_cache, v_cache, k_new, v_new, positions):
-  for name, a in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
-    if a.ndim != 4:
-      raise ValueError(f"{name} must be 4-D [batch, len, kv_heads, head_dim], got shape {a.shape}.")
-  if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
-    raise ValueError(f"k_cache {k_cache.shape} {k_cache.dtype} and v_cache {v_cache.shape} {v_cache.dtype} must "
-                     f"match.")
-  if k_new.shape != v_new.shape:
-    raise ValueError(f"k_new {k_new.shape} and v_new {v_new.shape} must have the same shape.")
-  b, s, kvh, d = k_cache.shape
-  nb, t, nkvh, nd = k_new.shape
-  if (nb, nkvh, nd) != (b, kvh, d):
-    raise ValueError(f"k_new {k_new.shape} must be [batch={b}, T, kv_heads={kvh}, head_dim={d}] like the cache.")
-  if t > s:
-    raise ValueError(f"T={t} new rows exceed the cache max_len={s}.")
-  if np.shape(positions) != (b,):
-    raise ValueError(f"positions must have shape (batch,) = ({b},), got {np.shape(positions)}.")
-  if not jnp.issubdtype(jnp.result_type(positions), jnp.integer):
-    raise ValueError(f"positions must be an integer array, got dtype {jnp.result_type(positions)}.")
-
-
-def write_kv_reference(k_cache, v_cache, k_new, v_new, *, positions):
-  """Pure JAX (vmapped ``lax.dynamic_update_slice``): ``cache[b, p:p+T] = new[b]``, ``p = clip(positions[b], 0,
-  max_len - T)``."""
-  _check_write(k_cache, v_cache, k_new, v_new, positions)
-  upd = jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (p, 0, 0)))
-  # Clamp explicitly: lax.dynamic_update_slice would wrap negative starts around (Python-style) first.
-  positions = jnp.clip(jnp.asarray(positions, jnp.int32), 0, k_cache.shape[1] - k_new.shape[1])
-  return upd(k_cache, k_new, positions), upd(v_cache, v_new, positions)
-
-
-def _write_tpu_kernel(pos_ref, kc_in, vc_in, kn_ref, vn_ref, kc_out, vc_out, sem, *, t):
-  del kc_in, vc_in  # aliased to kc_out / vc_out: the same HBM buffers
-  bi = pl.program_id(0)
-  p = pos_ref[bi]
-  ck = pltpu.make_async_copy(kn_ref.at[bi], kc_out.at[bi, pl.ds(p, t)], sem.at[0])
-  cv = pltpu.make_async_copy(vn_ref.at[bi], vc_out.at[bi, pl.ds(p, t)], sem.at[1])
-  ck.start()
-  cv.start()
-  ck.wait()
-  cv.wait()
-
-
-def _write_gpu_kernel(pos_ref, kc_in, vc_in, kn_ref, vn_ref, kc_out, vc_out, *, t):
-  del kc_in, vc_in
-  p = pos_ref[0]
-  kc_out[pl.ds(p, t), :, :] = kn_ref[...]
-  vc_out[pl.ds(p, t), :, :] = vn_ref[...]
-
-
-def write_kv(k_cache, v_cache, k_new, v_new, *, positions, backend: Optional[str] = None, interpret=False):
-  """Write ``k_new/v_new [batch, T, kv_heads, head_dim]`` into the caches at ``[positions[b], positions[b] + T)``.
-
-  The caches are updated IN PLACE: the ``pallas_call`` aliases each cache input to its output
-  (``input_output_aliases``). For the update to be really in place the caller's jit must donate the caches
-  (``jax.jit(step, donate_argnums=...)`` with the caches among the donated arguments, and the returned caches
-  replacing the old ones); without donation XLA inserts a copy of the whole cache to protect the caller's buffers.
-  Only the ``T`` new rows per batch row move: on TPU two HBM->HBM DMAs per row, no VMEM round trip.
-
-  ``positions`` start indices are clamped to ``[0, max_len - T]`` (as in the reference :func:`write_kv_reference`;
-  negative starts clamp to 0, they do not wrap around). GPU (Triton) needs ``T``, ``kv_heads`` and ``head_dim``
-  powers of two.
-
-  Returns ``(k_cache, v_cache)``.
-  """
-  _check_write(k_cache, v_cache, k_new, v_new, positions)
-  backend = resolve_backend(backend, interpret)
-  interpret = _interpret_arg(backend, interpret)
-  b, s, kvh, d = k_cache.shape
-  t = k_new.shape[1]
-  positions = jnp.clip(jnp.asarray(positions, jnp.int32), 0, s - t)
-  k_new = k_new.astype(k_cache.dtype)
-  v_new = v_new.astype(v_cache.dtype)
-  out_shape = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-               jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
-  cost = pl.CostEstimate(flops=0, transcendentals=0, bytes_accessed=4 * k_new.size * k_new.dtype.itemsize)
-  if backend == "tpu":
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1, grid=(b,), in_specs=[any_spec] * 4, out_specs=(any_spec, any_spec),
-        scratch_shapes=[pltpu.SemaphoreType.DMA((2,))])
-    return pl.pallas_call(
-        functools.partial(_write_tpu_kernel, t=t), grid_spec=grid_spec, out_shape=out_shape,
-        input_output_aliases={1: 0, 2: 1},  # operand indices count the scalar-prefetch operand (positions) as 0
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",), has_side_effects=False),
-        cost_estimate=cost, interpret=interpret, name="write_kv_tpu",
-    )(positions, k_cache, v_cache, k_new, v_new)
-  if not interpret and not all(_is_pow2(x) for x in (t, kvh, d)):
-    raise ValueError(f"GPU (Triton) write_kv needs T={t}, kv_heads={kvh}, head_dim={d} to be powers of two.")
-  cache_spec = pl.BlockSpec((None, s, kvh, d), lambda bi: (bi, 0, 0, 0))
-  new_spec = pl.BlockSpec((None, t, kvh, d), lambda bi: (bi, 0, 0, 0))
-  return pl.pallas_call(
-      functools.partial(_write_gpu_kernel, t=t), grid=(b,),
-      in_specs=[pl.BlockSpec((None, 1), lambda bi: (bi, 0)), cache_spec, cache_spec, new_spec, new_spec],
-      out_specs=(cache_spec, cache_spec), out_shape=out_shape, input_output_aliases={1: 0, 2: 1},
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-      cost_estimate=cost, interpret=interpret, name="write_kv_gpu",
-  )(positions.reshape(b, 1), k_cache, v_cache, k_new, v_new)
+  return reference_lib.reference_attention(q, k_cache, v_cache, mask=mask, q_offsets=q_offsets,
+                                          kv_lengths=kv_lengths, sm_scale=sm_scale, logit_soft_cap=logit_soft_cap)

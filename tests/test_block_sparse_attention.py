@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ardiff import attention as attention_lib
 from ardiff import masks
 from kernels_pallas import block_sparse_metadata as meta_lib
 from kernels_pallas.block_sparse_attention import (block_sparse_attention, block_sparse_attention_reference)
+from kernels_pallas.reference import reference_attention
 
 F32_TOL = dict(atol=1e-5, rtol=1e-5)
 BF16_FWD_TOL = dict(atol=2.5e-2, rtol=2.5e-2)
@@ -63,7 +63,7 @@ def _run_both(backend, mask, q, k, v, w, *, block=None, seg=None, cap=None):
     kw.update(q_segment_ids=seg[0], kv_segment_ids=seg[1])
   kern = functools.partial(block_sparse_attention, backend=backend, interpret=True, block_q=block, block_kv=block,
                            **kw)
-  ref = functools.partial(attention_lib.reference_attention, **kw)
+  ref = functools.partial(reference_attention, **kw)
   got = jax.jit(lambda *a: _value_and_vjp(kern, *a))(q, k, v, w)
   want = jax.jit(lambda *a: _value_and_vjp(ref, *[x.astype(jnp.float32) for x in a]))(q, k, v, w)
   return got, want

@@ -1,7 +1,11 @@
-"""Pallas attention inside a sharded jit: the kernel call is wrapped in shard_map (batch over data×fsdp, heads over
-tensor) and equals the dense reference; the whole model's BD3 loss and grads match the XLA path; the TPU AOT
-compile of the train step with attention_impl='pallas' compiles the Mosaic kernels and fits."""
+"""Pallas attention inside a sharded jit: the kernel call is wrapped in shard_map with specs from the logical axis
+rules in scope (default: batch over data×fsdp, heads over tensor; any other rules table likewise) and equals the
+dense reference; the whole model's BD3 loss and grads match the XLA path; the TPU AOT compile of the train step
+with attention_impl='pallas' compiles the Mosaic kernels and fits."""
 
+import contextlib
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +16,22 @@ from ardiff import masks, objectives, sharding
 from ardiff.attention import attention, reference_attention
 from ardiff.config import ModelConfig
 from ardiff.model import Transformer
-from kernels_pallas import dispatch
+from ardiff import attention as attention_lib
 
 MESH = sharding.make_mesh(data=2, fsdp=2, tensor=2)
 X_SPEC = P(("data", "fsdp"), None, "tensor", None)
+# Non-default rules: batch over data only, heads over fsdp×tensor (embed replicated). A batch of 2 and 4 heads
+# split exactly under these rules but not under the defaults (batch over data×fsdp = 4).
+RULES_HEADS_ON_FSDP = (
+    ("batch", "data"), ("embed", None), ("mlp", "tensor"), ("heads", ("fsdp", "tensor")),
+    ("kv_heads", ("fsdp", "tensor")), ("vocab", "tensor"), ("length", None), ("head_dim", None), ("layers", None))
+
+
+@contextlib.contextmanager
+def _pallas_under(rules):
+  """The mesh and ``rules`` in scope, the GPU (Triton) kernels in the interpreter."""
+  with sharding.activation_sharding(MESH, rules), attention_lib.interpret_mode(backend="gpu"):
+    yield
 
 
 def _put(x, spec):
@@ -46,7 +62,7 @@ def test_bd3_forward_and_grad_match_reference_under_mesh():
     return jax.jit(jax.value_and_grad(lambda q, k, v, s: loss(impl, q, k, v, s), argnums=(0, 1, 2),
                                       has_aux=True))(qs, ks, vs, segs)
 
-  with sharding.activation_sharding(MESH, sharding.DEFAULT_RULES), dispatch.interpret_mode(backend="gpu"):
+  with _pallas_under(sharding.DEFAULT_RULES):
     (l_p, out_p), g_p = run("pallas")
     jaxpr = str(jax.make_jaxpr(lambda q, k, v, s: loss("pallas", q, k, v, s)[0])(qs, ks, vs, segs))
   assert "shard_map" in jaxpr  # the kernel call is partitioned by hand, not by the auto partitioner
@@ -69,7 +85,7 @@ def test_cached_decode_matches_reference_under_mesh():
   def f(impl, q, k, v, qo, kl):
     return attention(q, k, v, mask=mask, impl=impl, q_offsets=qo, kv_lengths=kl)
 
-  with sharding.activation_sharding(MESH, sharding.DEFAULT_RULES), dispatch.interpret_mode(backend="gpu"):
+  with _pallas_under(sharding.DEFAULT_RULES):
     out_p = jax.jit(lambda *a: f("pallas", *a))(_put(q, X_SPEC), _put(k, X_SPEC), _put(v, X_SPEC),
                                                 _put(q_offsets, row), _put(kv_lengths, row))
   out_r = reference_attention(q, k, v, mask=mask, q_offsets=q_offsets, kv_lengths=kv_lengths)
@@ -78,7 +94,7 @@ def test_cached_decode_matches_reference_under_mesh():
 
 def test_indivisible_heads_and_batch_raise_clearly():
   mask = masks.BlockCausal(4)
-  with sharding.activation_sharding(MESH, sharding.DEFAULT_RULES), dispatch.interpret_mode(backend="gpu"):
+  with _pallas_under(sharding.DEFAULT_RULES):
     q, k, v = _qkv(jax.random.key(2), 4, 8, 8, 3, 1, 16)
     with pytest.raises(ValueError, match="kv_heads=1.*tensor"):
       jax.jit(lambda q, k, v: attention(q, k, v, mask=mask, impl="pallas"))(q, k, v)
@@ -87,27 +103,55 @@ def test_indivisible_heads_and_batch_raise_clearly():
       jax.jit(lambda q, k, v: attention(q, k, v, mask=mask, impl="pallas"))(q, k, v)
 
 
-def test_model_bd3_loss_and_grads_match_xla_under_mesh():
-  cfg = ModelConfig(vocab_size=40, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                    mlp_dim=64, mask_token_id=39)
+def _assert_model_bd3_pallas_matches_xla(rules, *, batch_size: int, num_kv_heads: int):
+  """The whole model's BD3 loss and grads under ``rules`` on MESH: Pallas (GPU interpret) equals XLA. Returns the
+  jaxpr of the Pallas loss."""
+  cfg = ModelConfig(vocab_size=40, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=num_kv_heads,
+                    head_dim=16, mlp_dim=64, mask_token_id=39)
   xla, pallas = Transformer(cfg), Transformer(cfg.replace(attention_impl="pallas"))
-  params = sharding.init_sharded_params(xla, MESH, jax.random.key(0))
-  tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 39)
-  batch = {"tokens": tokens, "segment_ids": jnp.ones((4, 16), jnp.int32)}
-  batch = jax.device_put(batch, NamedSharding(MESH, P(("data", "fsdp"), None)))
+  params = sharding.init_sharded_params(xla, MESH, jax.random.key(0), rules)
+  tokens = jax.random.randint(jax.random.key(1), (batch_size, 16), 0, 39)
+  batch = {"tokens": tokens, "segment_ids": jnp.ones((batch_size, 16), jnp.int32)}
+  batch = jax.device_put(batch, NamedSharding(MESH, P(nn.logical_to_mesh_axes(("batch",), rules)[0], None)))
   obj = objectives.ObjectiveConfig(block_size=4)
 
   def value_and_grad(model):
     fn = jax.value_and_grad(objectives.make_loss_fn(model, obj), has_aux=True)
     return jax.jit(fn)(params, batch, jax.random.key(2))
 
-  with sharding.activation_sharding(MESH, sharding.DEFAULT_RULES):
+  with sharding.activation_sharding(MESH, rules):
     (loss_x, _), grads_x = value_and_grad(xla)
-    with dispatch.interpret_mode(backend="gpu"):
+    with attention_lib.interpret_mode(backend="gpu"):
       (loss_p, _), grads_p = value_and_grad(pallas)
+      jaxpr = str(jax.make_jaxpr(objectives.make_loss_fn(pallas, obj))(params, batch, jax.random.key(2)))
   np.testing.assert_allclose(float(loss_p), float(loss_x), rtol=1e-5)
   for gx, gp in zip(jax.tree.leaves(grads_x), jax.tree.leaves(grads_p)):
     np.testing.assert_allclose(np.asarray(gp), np.asarray(gx), atol=1e-5, rtol=1e-4)
+  return jaxpr
+
+
+def test_model_bd3_loss_and_grads_match_xla_under_mesh():
+  _assert_model_bd3_pallas_matches_xla(sharding.DEFAULT_RULES, batch_size=4, num_kv_heads=2)
+
+
+def test_model_bd3_loss_and_grads_match_xla_under_non_default_rules():
+  """The kernels' shard_map follows the config's rules, not fixed mesh axes: batch 2 over data only and 4 heads
+  over fsdp×tensor is a valid split under these rules (it is not under the defaults, batch over data×fsdp = 4)."""
+  q_spec, kv_spec = attention_lib.kernel_partition_specs(MESH, RULES_HEADS_ON_FSDP)
+  assert q_spec == kv_spec == P("data", None, ("fsdp", "tensor"), None)
+  jaxpr = _assert_model_bd3_pallas_matches_xla(RULES_HEADS_ON_FSDP, batch_size=2, num_kv_heads=4)
+  assert "shard_map" in jaxpr and "'fsdp', 'tensor'" in jaxpr
+
+
+def test_kernel_specs_reject_rules_the_kernels_cannot_follow():
+  seq_parallel = (("batch", "data"), ("length", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"))
+  with pytest.raises(NotImplementedError, match="'length' dimension over mesh axes \\('fsdp',\\)"):
+    attention_lib.kernel_partition_specs(MESH, seq_parallel)
+  split_heads = (("batch", "data"), ("heads", "tensor"), ("kv_heads", None))
+  with pytest.raises(ValueError, match="'heads' and 'kv_heads' the same rule"):
+    attention_lib.kernel_partition_specs(MESH, split_heads)
+  # Without rules in scope the defaults apply (what the model's parameters use).
+  assert attention_lib.kernel_partition_specs(MESH) == (X_SPEC, X_SPEC)
 
 
 def test_tpu_aot_compile_of_pallas_train_step(monkeypatch):
