@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from ardiff import masks as masks_lib
-from ardiff.model import KVCache
 from ardiff.sampling import common
+from ardiff.sampling.common import prefill  # noqa: F401  (re-exported: ardiff.sampling.ar.prefill stays importable)
 
 
 class ARResult(NamedTuple):
@@ -19,23 +19,6 @@ class ARResult(NamedTuple):
   done: jax.Array  # bool [b] row emitted EOS
   nfe: jax.Array  # int32 scalar: forwards run (prefill counts as 1)
   step_logits: Optional[jax.Array]  # f32 [max_new, b, V] raw logits each token was sampled from (if requested)
-
-
-def prefill(params, model, prompt_tokens, prompt_lengths, max_len: int, mask: masks_lib.Mask):
-  """Write the (right-padded) prompt's K/V; returns ``(cache with lengths = prompt_lengths, last_logits [b, V])``.
-
-  Padded K/V past a row's length is never read: later writes start at ``lengths[b]`` and overwrite it, and the
-  attention masks keys ``>= lengths[b] + T``. ``mask`` must not let a valid prompt token see later positions
-  (Causal, or BlockCausal with block-aligned prompt lengths). Rows need ``prompt_lengths >= 1`` for the logits.
-  """
-  b, p = prompt_tokens.shape
-  if max_len < p:
-    raise ValueError(f"max_len={max_len} < padded prompt length {p}.")
-  cache = KVCache.init(model.config, b, max_len)
-  out = model.apply({"params": params}, prompt_tokens, mask=mask, cache=cache)
-  prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
-  last = jnp.take_along_axis(out.logits, jnp.maximum(prompt_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-  return out.cache.rewind_to(prompt_lengths), last
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k", "top_p", "greedy", "eos_id", "pad_id",
@@ -47,7 +30,7 @@ def _sample_ar(params, prompt, prompt_lengths, rng, temperature, *, top_p, model
   vocab = cfg.vocab_size
   mask = masks_lib.Causal()
   # The last sampled token is never written, so the cache needs P + max_new - 1 slots (one spare).
-  cache, logits0 = prefill(params, model, prompt, prompt_lengths, p + max_new_tokens, mask)
+  cache, logits0 = common.prefill(params, model, prompt, prompt_lengths, p + max_new_tokens, mask)
 
   def sample(key, logits):
     tok, _ = common.sample_tokens(key, logits, mask_token_id=cfg.mask_token_id, temperature=temperature,

@@ -1,8 +1,9 @@
-"""Logit processing shared by the samplers: [MASK] removal, temperature, top-k, top-p, greedy, float32 Gumbel.
+"""Pieces shared by the samplers: logit processing ([MASK] removal, temperature, top-k, top-p, greedy, float32
+Gumbel), argument checks, the prompt prefill, and the per-row output-buffer bookkeeping of the draft+verify samplers.
 
 All functions are pure and jit-safe; ``top_k``/``greedy`` are static Python values, ``temperature``/``top_p`` may be
 traced scalars. Gumbel noise is drawn in float32 log space (``-log(-log u)``, ``u`` clipped away from 0 and 1); see
-anchors §4 "Common" (LLaDA uses float64, which TPUs lack).
+docs/algorithms.md §4.1 (LLaDA uses float64, which TPUs lack).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ardiff import masks as masks_lib
+from ardiff.model import KVCache
 
 NEG_INF = -1e30  # finite "minus infinity": keeps softmax/entropy free of NaNs when whole rows are masked out
 
@@ -106,3 +110,55 @@ def decoding_defaults(temperature, greedy: bool, pad_id: Optional[int], eos_id: 
   if pad_id is None:
     pad_id = eos_id if eos_id is not None else 0
   return bool(greedy), jnp.float32(1.0 if greedy else temperature), int(pad_id)
+
+
+def prefill(params, model, prompt_tokens, prompt_lengths, max_len: int, mask: masks_lib.Mask):
+  """Write the (right-padded) prompt's K/V; returns ``(cache with lengths = prompt_lengths, last_logits [b, V])``.
+
+  Padded K/V past a row's length is never read: later writes start at ``lengths[b]`` and overwrite it, and the
+  attention masks keys ``>= lengths[b] + T``. ``mask`` must not let a valid prompt token see later positions
+  (Causal, or BlockCausal with block-aligned prompt lengths). Rows need ``prompt_lengths >= 1`` for the logits.
+  """
+  b, p = prompt_tokens.shape
+  if max_len < p:
+    raise ValueError(f"max_len={max_len} < padded prompt length {p}.")
+  cache = KVCache.init(model.config, b, max_len)
+  out = model.apply({"params": params}, prompt_tokens, mask=mask, cache=cache)
+  prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+  last = jnp.take_along_axis(out.logits, jnp.maximum(prompt_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+  return out.cache.rewind_to(prompt_lengths), last
+
+
+# Row bookkeeping of the draft+verify samplers: each row appends a variable number of tokens per step into a
+# ``[b, max_new + spill]`` buffer at its own offset ``n_out[b]``.
+
+
+def write_rows(buf, vals, start, active):
+  """``buf[b, start[b]:start[b]+T] = vals[b]`` where ``active[b]`` (start + T must fit: no clamping)."""
+  new = jax.vmap(lambda r, v, s: jax.lax.dynamic_update_slice(r, v, (s,)))(buf, vals, start)
+  return jnp.where(active[:, None], new, buf)
+
+
+def finalize(buf, n_out, max_new, eos_id, pad_id):
+  """Trim the spill buffer to ``max_new``; cut after each row's first EOS. Returns ``(tokens, lengths, done)``."""
+  tokens = buf[:, :max_new]
+  idx = jnp.arange(max_new)
+  valid = idx[None] < jnp.minimum(n_out, max_new)[:, None]
+  if eos_id is not None:
+    is_eos = (tokens == eos_id) & valid
+    done = jnp.any(is_eos, -1)
+    first = jnp.where(done, jnp.argmax(is_eos, -1), max_new)
+    valid = valid & (idx[None] <= first[:, None])
+  else:
+    done = jnp.zeros((buf.shape[0],), bool)
+  tokens = jnp.where(valid, tokens, pad_id)
+  return tokens, jnp.sum(valid, -1).astype(jnp.int32), done
+
+
+def row_done(buf, n_out, max_new, eos_id):
+  """A row stops when it has ``max_new`` tokens or emitted EOS among them."""
+  full = n_out >= max_new
+  if eos_id is None:
+    return full
+  idx = jnp.arange(buf.shape[1])
+  return full | jnp.any((buf == eos_id) & (idx[None] < n_out[:, None]), -1)

@@ -1,10 +1,11 @@
-"""Speculative decoding with a separate AR drafter (anchors §4 J; arXiv 2211.17192, 2302.01318).
+"""Speculative decoding with a separate AR drafter (docs/algorithms.md §5.1; arXiv 2211.17192, 2302.01318).
 
 Each step the drafter proposes ``k`` tokens ``d_i ~ q_i`` (its *processed* distribution: [MASK] removed, the same
 temperature / top-k / top-p as the target), then ONE cached target forward over ``[y, d_1..d_k]`` (``y`` = the last
 emitted token, not yet in either cache) gives ``p_1..p_{k+1}``. Draft ``d_i`` is accepted w.p. ``min(1, p_i/q_i)``;
 at the first rejection a correction is drawn from ``norm(max(0, p_i - q_i))``; if all ``k`` are accepted a bonus
-token is drawn from ``p_{k+1}``. Both caches are then rewound to the accepted prefix (``KVCache.rewind_to``), per row.
+token is drawn from ``p_{k+1}`` itself (:func:`ardiff.sampling.rejection.verify`). Both caches are then rewound to
+the accepted prefix (``KVCache.rewind_to``), per row.
 The emitted sequence is distributed exactly as AR sampling from the target's processed distribution (lossless);
 greedy mode accepts while ``argmax p_i == d_i`` and equals greedy AR token for token.
 
@@ -13,9 +14,7 @@ The drafter's cache lags the target's by one token after a fully accepted step (
 next step's first drafter forward feeds two tokens ``[d_k, y]`` for those rows (one token for the others), so the
 drafter costs exactly ``k`` forwards per step.
 
-``accept_rule`` exists for negative-control tests: ``"exact"`` (default) is the lossless rule; ``"always_accept"``
-accepts every draft (emits the drafter's distribution); ``"resample_p"`` uses the right acceptance test but draws
-the correction from ``p`` instead of the residual (a classic, subtler bug). Both wrong rules are biased.
+``accept_rule`` (negative controls for tests) is documented in :mod:`ardiff.sampling.rejection`.
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ import jax.numpy as jnp
 
 from ardiff import masks as masks_lib
 from ardiff.sampling import common
-from ardiff.sampling.ar import prefill
-
-ACCEPT_RULES = ("exact", "always_accept", "resample_p")
+from ardiff.sampling.common import finalize, prefill, row_done, write_rows
+from ardiff.sampling.rejection import ACCEPT_RULES, check_accept_rule, verify  # noqa: F401  (re-exported)
 
 
 class SpeculativeResult(NamedTuple):
@@ -41,78 +39,6 @@ class SpeculativeResult(NamedTuple):
   draft_nfe: jax.Array  # int32: drafter forwards (prefill counts as 1)
   steps: jax.Array  # int32: draft+verify steps run
   accepted: jax.Array  # int32 [b]: accepted drafts per row
-
-
-def verify(rng, p_logits, q_logits, drafts, *, greedy: bool, accept_rule: str = "exact"):
-  """The speculative acceptance rule, vectorised over rows.
-
-  ``p_logits [b, k+1, V]``: processed target logits (``p_i`` scores ``d_i``; ``p_{k+1}`` is the bonus);
-  ``q_logits [b, k, V]``: processed logits the drafts were sampled from; ``drafts [b, k]``.
-  Returns ``(n_accepted [b] in 0..k, next_token [b])`` where ``next_token`` is the correction (``n < k``) or the bonus.
-  """
-  if accept_rule not in ACCEPT_RULES:
-    raise ValueError(f"accept_rule must be one of {ACCEPT_RULES}, got {accept_rule!r}.")
-  b, k = drafts.shape
-  rng_u, rng_y = jax.random.split(rng)
-  if greedy:
-    ok = jnp.argmax(p_logits[:, :k], axis=-1) == drafts
-  else:
-    logp = jax.nn.log_softmax(p_logits[:, :k], axis=-1)
-    logq = jax.nn.log_softmax(q_logits, axis=-1)
-    lp = jnp.take_along_axis(logp, drafts[..., None], axis=-1)[..., 0]
-    lq = jnp.take_along_axis(logq, drafts[..., None], axis=-1)[..., 0]
-    u = jax.random.uniform(rng_u, (b, k), jnp.float32)
-    ok = u < jnp.exp(jnp.minimum(lp - lq, 0.0))
-  if accept_rule == "always_accept":
-    ok = jnp.ones_like(ok)
-  n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)
-  p_n = jnp.take_along_axis(p_logits, n[:, None, None], axis=1)[:, 0]  # [b, V]
-  if greedy:
-    return n, jnp.argmax(p_n, axis=-1).astype(jnp.int32)
-  # q_{k+1} := 0, so the "residual" at the bonus slot is p itself.
-  q_pad = jnp.concatenate([q_logits, jnp.full_like(q_logits[:, :1], common.NEG_INF)], axis=1)
-  q_n = jnp.take_along_axis(q_pad, n[:, None, None], axis=1)[:, 0]
-  pp, qq = jax.nn.softmax(p_n, axis=-1), jax.nn.softmax(q_n, axis=-1)
-  if accept_rule == "resample_p":
-    resid = pp
-  else:
-    resid = jnp.maximum(pp - qq, 0.0)
-  # p == q up to rounding makes a rejection (probability ~0) leave no residual mass: fall back to p.
-  resid = jnp.where(jnp.sum(resid, axis=-1, keepdims=True) > 1e-12, resid, pp)
-  logits = jnp.where(resid > 0, jnp.log(jnp.maximum(resid, 1e-38)), -jnp.inf)
-  y = jnp.argmax(logits + common.gumbel(rng_y, logits.shape), axis=-1).astype(jnp.int32)
-  return n, y
-
-
-def write_rows(buf, vals, start, active):
-  """``buf[b, start[b]:start[b]+T] = vals[b]`` where ``active[b]`` (start + T must fit: no clamping)."""
-  new = jax.vmap(lambda r, v, s: jax.lax.dynamic_update_slice(r, v, (s,)))(buf, vals, start)
-  return jnp.where(active[:, None], new, buf)
-
-
-def finalize(buf, n_out, max_new, eos_id, pad_id):
-  """Trim the spill buffer to ``max_new``; cut after each row's first EOS. Returns ``(tokens, lengths, done)``."""
-  tokens = buf[:, :max_new]
-  idx = jnp.arange(max_new)
-  valid = idx[None] < jnp.minimum(n_out, max_new)[:, None]
-  if eos_id is not None:
-    is_eos = (tokens == eos_id) & valid
-    done = jnp.any(is_eos, -1)
-    first = jnp.where(done, jnp.argmax(is_eos, -1), max_new)
-    valid = valid & (idx[None] <= first[:, None])
-  else:
-    done = jnp.zeros((buf.shape[0],), bool)
-  tokens = jnp.where(valid, tokens, pad_id)
-  return tokens, jnp.sum(valid, -1).astype(jnp.int32), done
-
-
-def row_done(buf, n_out, max_new, eos_id):
-  """A row stops when it has ``max_new`` tokens or emitted EOS among them."""
-  full = n_out >= max_new
-  if eos_id is None:
-    return full
-  idx = jnp.arange(buf.shape[1])
-  return full | jnp.any((buf == eos_id) & (idx[None] < n_out[:, None]), -1)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "draft_model", "num_draft", "max_new_tokens", "top_k", "top_p",
@@ -204,8 +130,7 @@ def sample_speculative(params, model, draft_params, draft_model, prompt, prompt_
     raise ValueError(f"max_new_tokens ({max_new_tokens}) and num_draft ({num_draft}) must be >= 1.")
   if draft_model.config.vocab_size != model.config.vocab_size:
     raise ValueError(f"drafter vocab {draft_model.config.vocab_size} != target vocab {model.config.vocab_size}.")
-  if accept_rule not in ACCEPT_RULES:
-    raise ValueError(f"accept_rule must be one of {ACCEPT_RULES}, got {accept_rule!r}.")
+  check_accept_rule(accept_rule)
   prompt, prompt_lengths = common.right_padded(prompt, prompt_lengths, padding_side)
   greedy, temperature, pad_id = common.decoding_defaults(temperature, greedy, pad_id, eos_id)
   return _sample_spec(params, draft_params, prompt, prompt_lengths,

@@ -1,6 +1,6 @@
 """TiDAR decoding: draft with the diffusion half, verify with the AR half, in ONE forward per step.
 
-Anchors §3.5, §4 I, J.
+docs/algorithms.md §3.4, §5 (arXiv 2511.08923).
 
 State between steps (per row): the committed prefix in the KV cache (length ``L``), the last emitted token ``y`` (at
 position ``L``, not yet cached) and ``B-1`` drafts ``d_1..d_{B-1}`` for positions ``L+1..L+B-1`` with the processed
@@ -14,7 +14,7 @@ distributions ``q_i`` they were sampled from. One step forwards ``B + B*B`` toke
   cache and ``y, d_1..d_j`` and no other block; as in training (:mod:`ardiff.objectives.tidar`) it predicts the
   ``B`` positions right after its visible prefix: ``L+j+1 .. L+j+B`` (explicit RoPE positions).
 
-Verification is the speculative rule (:func:`ardiff.sampling.speculative.verify`): accept ``d_i`` w.p.
+Verification is the speculative rule (:func:`ardiff.sampling.rejection.verify`): accept ``d_i`` w.p.
 ``min(1, p_i/q_i)``, correction from ``norm(max(0, p - q))`` at the first rejection, bonus from ``p_B`` if all are
 accepted. With ``j`` drafts accepted, the correction/bonus ``y'`` lands at ``L+j+1`` = the FIRST slot of ``M^(j)``;
 that slot is unused (``y'`` comes from ``p``), and the block's remaining ``B-1`` slots (positions ``L+j+2..``, each
@@ -43,8 +43,8 @@ import jax.numpy as jnp
 from ardiff import attention as attention_lib
 from ardiff import masks as masks_lib
 from ardiff.sampling import common
-from ardiff.sampling.ar import prefill
-from ardiff.sampling.speculative import ACCEPT_RULES, finalize, row_done, verify, write_rows
+from ardiff.sampling.common import finalize, prefill, row_done, write_rows
+from ardiff.sampling.rejection import check_accept_rule, verify
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -173,8 +173,7 @@ def sample_tidar(params, model, prompt, prompt_lengths, *, rng, max_new_tokens: 
     raise ValueError(f"block_size must be >= 2 (B-1 drafts per step), got {block_size}.")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-  if accept_rule not in ACCEPT_RULES:
-    raise ValueError(f"accept_rule must be one of {ACCEPT_RULES}, got {accept_rule!r}.")
+  check_accept_rule(accept_rule)
   prompt, prompt_lengths = common.right_padded(prompt, prompt_lengths, padding_side)
   greedy, temperature, pad_id = common.decoding_defaults(temperature, greedy, pad_id, eos_id)
   return _sample_tidar(params, prompt, prompt_lengths, rng,
