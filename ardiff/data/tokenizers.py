@@ -75,7 +75,9 @@ class ByteTokenizer:
     self.vocab_size: int = 256 + len(specials)
 
   def encode(self, text: str | bytes) -> list[int]:
-    data = text if isinstance(text, (bytes, bytearray)) else text.encode("utf-8")
+    # surrogateescape: a str from argv or os.fsdecode may carry undecodable bytes as lone surrogates; give those
+    # bytes back instead of raising UnicodeEncodeError (a byte tokenizer takes any bytes).
+    data = text if isinstance(text, (bytes, bytearray)) else text.encode("utf-8", "surrogateescape")
     return list(data)
 
   def decode(self, ids: Iterable[int]) -> str:

@@ -1,19 +1,31 @@
 """``python -m ardiff sample --checkpoint DIR --prompt TEXT [--sampler ...]``: generate from a trained run (or an
-exported params directory); prints the samples, tokens/s, NFE and tokens per forward.
+exported params directory); prints the samples, then one line of figures.
 
     python -m ardiff sample --checkpoint runs/default --prompt "ROMEO." --strategy threshold --threshold 0.9
     python -m ardiff sample --checkpoint runs/tidar_shakespeare --sampler tidar
     python -m ardiff sample --checkpoint runs/ar_shakespeare --sampler speculative --draft_checkpoint runs/ar_small
+
+The prompt plus the new tokens must fit in the model's context, the run's data.seq_len (BOS included): a longer
+prompt is an error unless --truncate_prompt N keeps its last N tokens (a note says so). The byte tokenizer takes the
+prompt's raw bytes (any bytes, not only UTF-8); other tokenizers need UTF-8 text.
+
+By default the sampler runs twice: an untimed warm-up generation that compiles, then the timed one (--no-warmup:
+once, timed with its compilation). The figures: samples, new_tokens_total (new tokens of all samples together),
+time, tokens_per_s_total (all samples), NFE (model forwards; each forward serves every sample), and per sample
+new_tokens_per_sample (the longest sample's) and tokens_per_forward_per_sample (that length / NFE).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import jax
 import numpy as np
 
+from ardiff.errors import UsageError
 from ardiff.sampling.block_diffusion import KV_WRITES, STRATEGIES
 from ardiff.sampling.generate import DEFAULT_PROMPT, SAMPLERS, default_sampler, encode_prompt, generate
 
@@ -22,16 +34,22 @@ def parse_args(argv):
   p = argparse.ArgumentParser(prog=argv[0], description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--checkpoint", "--run_dir", dest="run_dir", required=True,
                  help="a run directory of `ardiff train`, or a params directory of `ardiff export --to params`")
-  p.add_argument("--prompt", default=DEFAULT_PROMPT)
+  p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text (its raw bytes with the byte tokenizer)")
+  p.add_argument("--truncate_prompt", type=int, default=None, metavar="N",
+                 help="keep only the last N prompt tokens (BOS stays first and counts) when the prompt is longer")
   p.add_argument("--sampler", choices=("auto",) + SAMPLERS, default="auto",
                  help="auto: the family the run was trained as (block diffusion, TiDAR draft+verify, or AR)")
-  p.add_argument("--num_tokens", type=int, default=256, help="new tokens per sample")
+  p.add_argument("--num_tokens", type=int, default=None,
+                 help="new tokens per sample (default: the rest of the context, data.seq_len - prompt tokens)")
   p.add_argument("--num_samples", type=int, default=1)
   p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
   p.add_argument("--top_p", type=float, default=0.9)
   p.add_argument("--top_k", type=int, default=0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--ema", action="store_true", help="sample with the EMA parameters")
+  p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                 help="generate once untimed (compiles) before the timed generation; --no-warmup times one "
+                      "generation, compilation included")
   bd = p.add_argument_group("block diffusion")
   bd.add_argument("--block_size", type=int, default=None, help="default: the run's objective.block_size")
   bd.add_argument("--strategy", choices=STRATEGIES, default="threshold", help="unmasking rule")
@@ -45,45 +63,107 @@ def parse_args(argv):
   return p.parse_args(argv[1:])
 
 
+def prompt_input(tok, text: str):
+  """What the tokenizer encodes for a command-line prompt: raw bytes for the byte tokenizer (Python decodes argv
+  with surrogateescape, ``os.fsencode`` gives the bytes back), UTF-8 text for the others."""
+  from ardiff.data.tokenizers import ByteTokenizer
+  if isinstance(tok, ByteTokenizer):
+    return os.fsencode(text)
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise UsageError(f"--prompt is not valid UTF-8 (undecodable byte at character {e.start}: "
+                     f"{os.fsencode(text[e.start:e.end])!r}) and the tokenizer {tok!r} reads text; give a UTF-8 "
+                     "prompt.") from None
+  return text
+
+
+def fit_prompt(ids: list, *, context: int, num_tokens, truncate, bos_id):
+  """``(ids, num_tokens, note)``: the prompt and new-token count checked against the model's ``context``.
+
+  A prompt that leaves no room is an error, unless ``truncate = N`` keeps its last N tokens (BOS stays first).
+  ``num_tokens=None`` fills the context.
+  """
+  note = None
+  if truncate is not None:
+    if not 1 <= truncate < context:
+      raise UsageError(f"--truncate_prompt={truncate} must lie in [1, {context - 1}] (the context is {context} "
+                       "tokens, and at least one new token needs room).")
+    if len(ids) > truncate:
+      head = [ids[0]] if bos_id is not None and ids[0] == bos_id else []
+      kept = head + ids[len(ids) - (truncate - len(head)):]
+      note = (f"note: --truncate_prompt={truncate}: the prompt has {len(ids)} tokens; kept "
+              + ("BOS and " if head else "") + f"its last {truncate - len(head)}.")
+      ids = kept
+  room = context - len(ids)
+  if room < 1:
+    raise UsageError(f"the prompt is {len(ids)} tokens (BOS included) but the model's context is {context} tokens "
+                     f"(the run's data.seq_len), leaving no room for new tokens; shorten the prompt, or pass "
+                     f"--truncate_prompt N (N < {context}) to keep its last N tokens.")
+  if num_tokens is None:
+    num_tokens = room
+  if num_tokens < 1:
+    raise UsageError(f"--num_tokens={num_tokens} must be >= 1.")
+  if len(ids) + num_tokens > context:
+    raise UsageError(f"the prompt ({len(ids)} tokens, BOS included) plus --num_tokens={num_tokens} is "
+                     f"{len(ids) + num_tokens} tokens, more than the model's context of {context} (the run's "
+                     f"data.seq_len); lower --num_tokens to at most {room}, shorten the prompt, or pass "
+                     f"--truncate_prompt N to keep its last N tokens.")
+  return ids, num_tokens, note
+
+
 def main(argv) -> int:
   from ardiff import data as data_lib
   from ardiff.training import main as train_main
 
   args = parse_args(argv)
+  if args.num_samples < 1:
+    raise UsageError(f"--num_samples={args.num_samples} must be >= 1.")
   exp, model, params = train_main.load_run(args.run_dir, use_ema=args.ema)
   tok = data_lib.make_tokenizer(exp.data["tokenizer"])
   sampler = default_sampler(exp.objective, model) if args.sampler == "auto" else args.sampler
+  context = int(exp.data["seq_len"])
   options, draft = {}, None
   if sampler == "block_diffusion":
     options = dict(strategy=args.strategy, threshold=args.threshold, steps_per_block=args.steps_per_block,
                    sub_block_size=args.sub_block_size, kv_write=args.kv_write)
   elif sampler == "speculative":
     if not args.draft_checkpoint:
-      raise SystemExit("--sampler speculative needs --draft_checkpoint DIR (a small AR run with the same vocab).")
-    _, draft_model, draft_params = train_main.load_run(args.draft_checkpoint)
+      raise UsageError("--sampler speculative needs --draft_checkpoint DIR (a small AR run with the same vocab).")
+    draft_exp, draft_model, draft_params = train_main.load_run(args.draft_checkpoint)
     draft, options = (draft_params, draft_model), dict(num_draft=args.num_draft)
-  ids = encode_prompt(tok, args.prompt)
+    context = min(context, int(draft_exp.data["seq_len"]))
+  ids, num_tokens, note = fit_prompt(encode_prompt(tok, prompt_input(tok, args.prompt)), context=context,
+                                     num_tokens=args.num_tokens, truncate=args.truncate_prompt, bos_id=tok.bos_id)
+  if note:
+    print(note, file=sys.stderr)
   prompt = np.tile(np.asarray(ids, np.int32), (args.num_samples, 1))
   lengths = np.full(args.num_samples, len(ids))
 
   def run():
     res = generate(sampler, params, model, prompt, lengths, rng=jax.random.key(args.seed),
-                   num_tokens=args.num_tokens, objective=exp.objective, block_size=args.block_size, draft=draft,
+                   num_tokens=num_tokens, objective=exp.objective, block_size=args.block_size, draft=draft,
                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, eos_id=tok.eos_id, **options)
     jax.block_until_ready(res.tokens)
     return res
 
+  warmup = ""
+  if args.warmup:
+    print("warm-up: a first, untimed generation compiles the sampler (--no-warmup skips it)", file=sys.stderr)
+    start = time.perf_counter()
+    run()
+    warmup = f" warmup_s={time.perf_counter() - start:.1f} (untimed generation that compiled)"
   start = time.perf_counter()
-  run()
-  compile_s = time.perf_counter() - start
-  start = time.perf_counter()
-  res = run()  # timed without compilation
+  res = run()  # timed without compilation unless --no-warmup
   seconds = time.perf_counter() - start
   tokens, n_new = np.asarray(res.tokens), np.asarray(res.lengths)
   for row, n in zip(tokens, n_new):
     print(tok.decode(ids) + tok.decode([int(t) for t in row[:n]]))
     print("-" * 40)
   nfe = int(res.nfe)
-  print(f"sampler={sampler} tokens={int(n_new.sum())} time={seconds:.3f}s (compile {compile_s:.1f}s) "
-        f"tokens/s={n_new.sum() / seconds:.1f} NFE={nfe} tokens/forward={n_new.max() / max(nfe, 1):.2f}")
+  timed = "" if args.warmup else " (compilation included)"
+  print(f"sampler={sampler} samples={args.num_samples} new_tokens_total={int(n_new.sum())} "
+        f"time={seconds:.3f}s{timed} tokens_per_s_total={n_new.sum() / seconds:.1f} NFE={nfe} "
+        f"new_tokens_per_sample={int(n_new.max())} tokens_per_forward_per_sample={n_new.max() / max(nfe, 1):.2f}"
+        + warmup)
   return 0
