@@ -106,6 +106,17 @@ def test_missing_run_directory_is_one_clear_error(capsys, tmp_path):
     assert_usage_error(rc, err, "no_run")
 
 
+def test_corrupt_run_config_is_one_clear_error(capsys, tmp_path):
+  (tmp_path / "config.json").write_text("{ half a file")
+  rc, _, err = run_cli(capsys, "eval", "--checkpoint", str(tmp_path))
+  assert_usage_error(rc, err, "config.json")
+
+
+def test_eval_batches_must_be_positive(capsys, tmp_path):
+  rc, _, err = run_cli(capsys, "eval", "--checkpoint", str(tmp_path), "--batches", "0")
+  assert rc == 2 and "--batches=0 must be >= 1" in err
+
+
 def test_refused_overwrite_is_one_clear_error(capsys, tmp_path):
   out = tmp_path / "out"
   out.mkdir()

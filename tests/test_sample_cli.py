@@ -77,6 +77,15 @@ def test_too_long_prompt_is_refused_up_front(tidar_run, capsys):
   assert time.perf_counter() - start < 30  # refused before any generation
 
 
+def test_text_tokenizers_refuse_an_undecodable_prompt_clearly():
+  class TextTokenizer:  # any tokenizer but the byte one reads text (SentencePiece, HF)
+    def __repr__(self):
+      return "HFTokenizer('tok.json')"
+  assert sample_main.prompt_input(TextTokenizer(), "ROMEO.") == "ROMEO."
+  with pytest.raises(ValueError, match=r"--prompt is not valid UTF-8 .*character 3: b'\\xff'.*give a UTF-8 prompt"):
+    sample_main.prompt_input(TextTokenizer(), os.fsdecode(b"ROM\xffEO."))
+
+
 def test_fit_prompt_rules():
   ids = [256] + list(range(40))
   kept, n, note = sample_main.fit_prompt(ids, context=32, num_tokens=None, truncate=10, bos_id=256)

@@ -60,6 +60,8 @@ def main(argv) -> int:
   parser.add_argument("--batches", type=int, default=None, help="evaluation batches (default: the whole split)")
   parser.add_argument("--ema", action="store_true", help="evaluate the EMA parameters if the run keeps them")
   args = parser.parse_args(argv[1:])
+  if args.batches is not None and args.batches < 1:
+    parser.error(f"--batches={args.batches} must be >= 1 (omit it to evaluate the whole split).")
   result = train_main.evaluate_run(args.run_dir, max_batches=args.batches, use_ema=args.ema)
   for k, v in result.items():
     print(f"{k:>24}: {v:.6g}" if isinstance(v, float) else f"{k:>24}: {v}")
