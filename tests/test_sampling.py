@@ -11,7 +11,7 @@ from ardiff.config import ModelConfig
 from ardiff.model import Transformer, init_params
 from ardiff.sampling import (commit_mask, prefill, reference_block_logits, reference_greedy_block_diffusion,
                              sample_ar, sample_block_diffusion)
-from ardiff.sampling.block_diffusion import first_sub_block
+from ardiff.sampling.block_diffusion import BlockDiffusionOptions, first_sub_block
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-dominated, see conftest.py
 CFG = ModelConfig(vocab_size=24, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
@@ -349,6 +349,14 @@ def test_sub_block_commits_left_to_right():
     (dict(sub_block_size=3), "sub_block_size=3 must be a positive divisor of block_size=4"),
     (dict(steps_per_block=5), r"steps_per_block must be in \[1, block_size=4\]"),
     (dict(padding_side="middle"), "padding_side must be"),
+    (dict(steps_per_block=0), r"steps_per_block must be in \[1, block_size=4\], got 0"),
+    (dict(top_k=-1), "top_k must be >= 0"),
+    (dict(top_p=0.0), r"top_p must lie in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must lie in \(0, 1\]"),
+    (dict(eos_id=MASK), r"eos_id=23 is the \[MASK\] id"),
+    (dict(eos_id=24), r"eos_id=24 must lie in \[0, vocab_size=24\)"),
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(threshold=float("nan")), "threshold must be a finite number"),
 ])
 def test_block_diffusion_validates_arguments(setup, kw, match):
   model, params = setup
@@ -360,3 +368,90 @@ def test_block_diffusion_validates_arguments(setup, kw, match):
   no_mask = Transformer(CFG.replace(mask_token_id=None))
   with pytest.raises(ValueError, match="mask_token_id"):
     sample_block_diffusion(params, no_mask, prompt, [4, 6], rng=jax.random.PRNGKey(0), block_size=BS, num_blocks=1)
+
+
+def test_options_are_one_hashable_static_argument():
+  """Equal settings give equal, hashable options (one compile); the default steps_per_block is block_size."""
+  a = BlockDiffusionOptions.create(CFG, block_size=BS, num_blocks=2)
+  b = BlockDiffusionOptions.create(CFG, block_size=BS, num_blocks=2, steps_per_block=BS)
+  assert a == b and hash(a) == hash(b) and a.k == 1 and a.mask_id == MASK
+  assert BlockDiffusionOptions.create(CFG, block_size=BS, num_blocks=2, steps_per_block=2).k == 2
+  with pytest.raises(AttributeError):
+    a.block_size = 8  # frozen
+  # ddpm_cache with sub-blocks: steps - 1 steps that may commit nothing, then one sub-block per step
+  opts = BlockDiffusionOptions.create(CFG, block_size=BS, num_blocks=3, strategy="ddpm_cache", steps_per_block=2,
+                                      sub_block_size=1)
+  assert opts.max_iters == 3 * (2 - 1 + BS + 1)
+
+
+def test_ddpm_cache_with_sub_blocks_finishes_every_block(setup):
+  """ddpm_cache with sub-blocks needs more loop iterations than time steps (at prob 1 it unmasks one sub-block per
+  step): every block must still be finished (it was cut off at `num_blocks * (steps + 1)` iterations, leaving
+  pad_id blocks while `lengths` claimed them), and every forward stays exact."""
+  model, params = setup
+  prompt, lens = _ragged_prompt([3, 6, 7], 8, seed=2)
+  res = sample_block_diffusion(params, model, prompt, lens, rng=jax.random.PRNGKey(5), block_size=BS,
+                               num_blocks=3, strategy="ddpm_cache", steps_per_block=2, sub_block_size=1,
+                               temperature=1.0, pad_id=-1, return_trace=True)
+  raw = np.asarray(res.raw_blocks)
+  assert (raw >= 0).all() and (raw != MASK).all()  # every block was denoised to the end
+  lengths = np.asarray(res.lengths)
+  np.testing.assert_array_equal(lengths, 3 * BS - lens % BS)
+  assert (np.asarray(res.tokens)[np.arange(3 * BS)[None] < lengths[:, None]] >= 0).all()
+  assert (np.asarray(res.steps_per_block_used) >= 1).all()
+  _check_trace(params, model, prompt, lens, res, BS, token_shift=False)
+
+
+def test_prompt_mask_tokens_are_never_resampled(setup):
+  """A prompt token equal to the [MASK] id is a prompt token: the partial block it seeds keeps it (it used to be
+  treated as a position to generate and overwritten), and whole prompt blocks condition on it as given."""
+  model, params = setup
+  prompt = np.array([[1, MASK, 2, 3, 4, MASK], [MASK, 5, 6, 0, 0, 0]], np.int32)
+  lens = np.array([6, 3], np.int32)
+  for kw in (dict(kv_write="fused", token_shift=True), dict(kv_write="separate")):
+    res = sample_block_diffusion(params, model, prompt, lens, rng=jax.random.PRNGKey(0), block_size=BS,
+                                 num_blocks=2, temperature=0, strategy="threshold", threshold=0.5, **kw)
+    raw = np.asarray(res.raw_blocks)
+    for r, n in enumerate(lens):
+      tail = n % BS
+      np.testing.assert_array_equal(raw[r, :tail], prompt[r, n - tail:n])
+      assert (raw[r, tail:] != MASK).all() and int(res.lengths[r]) == 2 * BS - tail
+    ref = reference_greedy_block_diffusion(params, model, prompt, lens, block_size=BS, num_blocks=2,
+                                           strategy="threshold", threshold=0.5, token_shift=kw.get("token_shift",
+                                                                                                   False))
+    np.testing.assert_array_equal(raw, ref)
+
+
+def test_eos_on_the_last_position_of_a_block(setup):
+  """EOS committed at a block's last position ends the row there: no later block is denoised or recorded for it,
+  its finished block never changes again, and the other row is unaffected."""
+  model, params = setup
+  prompt, lens = _ragged_prompt([4, 8], 8, seed=7)
+  kw = dict(rng=jax.random.PRNGKey(1), block_size=BS, num_blocks=3, temperature=0, strategy="topk_confidence")
+  base = sample_block_diffusion(params, model, prompt, lens, **kw)
+  tokens0 = np.asarray(base.tokens)
+  eos = int(tokens0[0, BS - 1])  # prompt 0 is block-aligned: its first block is tokens 0..B-1
+  assert eos not in tokens0[0, :BS - 1], "pick a seed whose EOS first appears at the block's last position"
+  res = sample_block_diffusion(params, model, prompt, lens, eos_id=eos, pad_id=0, **kw)
+  tokens, raw = np.asarray(res.tokens), np.asarray(res.raw_blocks)
+  np.testing.assert_array_equal(tokens[0, :BS], tokens0[0, :BS])
+  assert (tokens[0, BS:] == 0).all() and (raw[0, BS:] == 0).all()
+  assert int(res.lengths[0]) == BS and bool(res.done[0])
+  np.testing.assert_array_equal(np.asarray(res.steps_per_block_used)[0, 1:], 0)
+  hit = tokens0[1] == eos
+  f = int(np.argmax(hit)) if hit.any() else 3 * BS
+  np.testing.assert_array_equal(tokens[1, :f + 1], tokens0[1, :f + 1])
+  assert int(res.lengths[1]) == min(f + 1, 3 * BS) and bool(res.done[1]) == bool(hit.any())
+
+
+def test_vanishing_nucleus_and_top1_sample_the_argmax(setup):
+  """top_p -> 0 (or top_k = 1) at temperature 1 keeps exactly the top token: the same tokens as greedy, never an
+  empty distribution (uniform over the vocabulary, [MASK] included). first_hitting's positions do not depend on the
+  token draws, so the runs are comparable token for token."""
+  model, params = setup
+  prompt, lens = _ragged_prompt([5, 8], 8, seed=3)
+  kw = dict(rng=jax.random.PRNGKey(2), block_size=BS, num_blocks=2, strategy="first_hitting")
+  greedy = np.asarray(sample_block_diffusion(params, model, prompt, lens, temperature=0, **kw).raw_blocks)
+  for filt in (dict(top_p=1e-6), dict(top_k=1)):
+    got = sample_block_diffusion(params, model, prompt, lens, temperature=1.0, **filt, **kw)
+    np.testing.assert_array_equal(np.asarray(got.raw_blocks), greedy)

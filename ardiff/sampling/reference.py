@@ -16,7 +16,8 @@ import numpy as np
 
 from ardiff import masks as masks_lib
 from ardiff.sampling import common
-from ardiff.sampling.block_diffusion import BlockDiffusionResult, commit_mask, first_sub_block
+from ardiff.sampling.block_diffusion import BlockDiffusionResult
+from ardiff.sampling.commit_rules import commit_mask, first_sub_block, token_scores
 
 DETERMINISTIC = ("topk_confidence", "threshold", "dynamic", "factor", "entropy_bounded")
 
@@ -78,9 +79,11 @@ def reference_greedy_block_diffusion(params, model, prompt, prompt_lengths, *, b
     seq = list(prompt[r, :aligned])
     for n in range(num_blocks):
       xb = np.full(bs, mask_id, np.int32)
+      unknown = np.ones(bs, bool)  # prompt tokens are known, even one equal to [MASK]
       if n == 0:
         xb[:n_prompt - aligned] = prompt[r, aligned:n_prompt]
-      while (xb == mask_id).any():
+        unknown[:n_prompt - aligned] = False
+      while unknown.any():
         padded = np.zeros((1, width), np.int32)
         padded[0, :len(seq) + bs] = np.concatenate([seq, xb])
         logits = np.asarray(fwd(params, jnp.asarray(padded)))[0]
@@ -90,17 +93,15 @@ def reference_greedy_block_diffusion(params, model, prompt, prompt_lengths, *, b
           block = np.concatenate([prev[None], block[:-1]])
         processed = common.process_logits(jnp.asarray(block[None]), mask_token_id=mask_id)
         tok = np.asarray(jnp.argmax(processed, -1))
-        logp = jax.nn.log_softmax(processed, -1)
-        conf = jnp.exp(jnp.take_along_axis(logp, jnp.asarray(tok)[..., None], -1)[..., 0])
-        probs = jnp.exp(logp)
-        entropy = -jnp.sum(jnp.where(probs > 0, probs * logp, 0.0), -1)
-        masked = jnp.asarray(xb == mask_id)[None]
+        conf, entropy = token_scores(processed, jnp.asarray(tok))
+        masked = jnp.asarray(unknown)[None]
         if sub_block_size:
           masked = first_sub_block(masked, sub_block_size)
         sel = np.asarray(commit_mask(strategy, masked=masked, conf=conf, entropy=entropy,
                                      rand_score=jnp.zeros((1, bs)), k=k, threshold=threshold, factor=factor,
                                      gamma=gamma))[0]
         xb = np.where(sel, tok[0], xb)
+        unknown &= ~sel
       out[r, n * bs:(n + 1) * bs] = xb
       seq.extend(xb)
   return out
