@@ -86,6 +86,26 @@ def test_eos_and_pad(models):
     np.testing.assert_array_equal(np.asarray(res.done), np.asarray(ar.done))
 
 
+def test_eos_at_the_last_allowed_position(models):
+  """A row whose first EOS is its last allowed token: kept, length == max_new_tokens, done; same in all samplers."""
+  model, params, draft, dparams = models
+  prompt, lens = _ragged([5, 2, 3, 6], 6)
+  ar = np.asarray(sample_ar(params, model, prompt, lens, rng=jax.random.PRNGKey(0), max_new_tokens=16,
+                            greedy=True).tokens)
+  # A (row, token) whose first occurrence in that row is as late as possible, at index j >= 1.
+  firsts = [(int(np.argmax(ar[r] == t)), r, t) for r in range(ar.shape[0]) for t in np.unique(ar[r])]
+  j, r, eos = max(firsts)
+  assert j >= 1
+  kw = dict(max_new_tokens=j + 1, greedy=True, eos_id=int(eos), pad_id=MASK)
+  ref = sample_ar(params, model, prompt, lens, rng=jax.random.PRNGKey(0), **kw)
+  assert bool(ref.done[r]) and int(ref.lengths[r]) == j + 1 and int(ref.tokens[r, j]) == eos
+  td = sample_tidar(params, model, prompt, lens, rng=jax.random.PRNGKey(1), block_size=3, **kw)
+  sp = sample_speculative(params, model, dparams, draft, prompt, lens, rng=jax.random.PRNGKey(1), num_draft=2, **kw)
+  for res in (td, sp):
+    for field in ("tokens", "lengths", "done"):
+      np.testing.assert_array_equal(np.asarray(getattr(res, field)), np.asarray(getattr(ref, field)))
+
+
 # ----------------------------------------------------------------------------------------- cached == uncached
 
 

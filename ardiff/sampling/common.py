@@ -40,7 +40,8 @@ def top_p_filter(logits: jax.Array, top_p) -> jax.Array:
   sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
   probs = jax.nn.softmax(sorted_logits, axis=-1)
   cum_before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each sorted entry
-  keep_sorted = cum_before < top_p
+  # top_p >= 1 keeps everything: a float32 cumsum can reach 1.0 before the tail (whose entries would then be cut).
+  keep_sorted = (cum_before < top_p) | (jnp.asarray(top_p) >= 1.0)
   keep_sorted = keep_sorted.at[..., 0].set(True)
   cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
   return jnp.where(logits < cutoff, NEG_INF, logits)
@@ -48,9 +49,13 @@ def top_p_filter(logits: jax.Array, top_p) -> jax.Array:
 
 def process_logits(logits: jax.Array, *, mask_token_id: Optional[int] = None, temperature=1.0, top_k: int = 0,
                    top_p=1.0) -> jax.Array:
-  """float32 logits with [MASK] removed, scaled by 1/temperature, then top-k and top-p filtered."""
+  """float32 logits scaled by 1/temperature, [MASK] removed, then top-k and top-p filtered.
+
+  [MASK] is removed AFTER the scaling so that its ``NEG_INF`` stays ``NEG_INF`` at any temperature (``NEG_INF / T``
+  with a huge ``T`` would give [MASK] probability mass again).
+  """
+  logits = logits.astype(jnp.float32) / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
   logits = remove_mask_logit(logits, mask_token_id)
-  logits = logits / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
   logits = top_k_filter(logits, top_k)
   if not (isinstance(top_p, (int, float)) and top_p >= 1.0):
     logits = top_p_filter(logits, top_p)
@@ -102,9 +107,27 @@ def right_padded(prompt, prompt_lengths, padding_side: str = "right"):
   return jnp.asarray(prompt, jnp.int32), jnp.asarray(lengths, jnp.int32)
 
 
+def check_decoding_args(config, *, top_k: int, top_p: float, eos_id: Optional[int]) -> None:
+  """Host-side checks of the filters and EOS id of a sampler call for a model ``config`` (ValueError naming the value
+  and the fix)."""
+  if int(top_k) != top_k or top_k < 0:
+    raise ValueError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k}.")
+  if not 0.0 < float(top_p) <= 1.0:  # NaN fails too
+    raise ValueError(f"top_p must lie in (0, 1] (1 keeps every token), got {top_p}.")
+  if eos_id is not None:
+    if not 0 <= eos_id < config.vocab_size:
+      raise ValueError(f"eos_id={eos_id} must lie in [0, vocab_size={config.vocab_size}).")
+    if eos_id == config.mask_token_id:
+      raise ValueError(f"eos_id={eos_id} is the [MASK] id, which is never sampled, so no row would ever stop; "
+                       "pass the tokenizer's EOS id.")
+
+
 def decoding_defaults(temperature, greedy: bool, pad_id: Optional[int], eos_id: Optional[int]):
   """``(greedy, temperature as float32, pad_id)`` shared by the samplers' entry points: a (static) temperature
-  of 0 means greedy, and finished rows are padded with EOS (or 0 without an EOS)."""
+  of 0 means greedy, and finished rows are padded with EOS (or 0 without an EOS). A static temperature must be a
+  number >= 0 (a traced one is not checked)."""
+  if isinstance(temperature, (int, float, np.floating, np.integer)) and not temperature >= 0:  # NaN fails too
+    raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
   if isinstance(temperature, (int, float)) and temperature == 0:
     greedy = True
   if pad_id is None:

@@ -131,6 +131,7 @@ def sample_speculative(params, model, draft_params, draft_model, prompt, prompt_
   if draft_model.config.vocab_size != model.config.vocab_size:
     raise ValueError(f"drafter vocab {draft_model.config.vocab_size} != target vocab {model.config.vocab_size}.")
   check_accept_rule(accept_rule)
+  common.check_decoding_args(model.config, top_k=top_k, top_p=top_p, eos_id=eos_id)
   prompt, prompt_lengths = common.right_padded(prompt, prompt_lengths, padding_side)
   greedy, temperature, pad_id = common.decoding_defaults(temperature, greedy, pad_id, eos_id)
   return _sample_spec(params, draft_params, prompt, prompt_lengths,

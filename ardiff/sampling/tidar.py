@@ -174,6 +174,7 @@ def sample_tidar(params, model, prompt, prompt_lengths, *, rng, max_new_tokens: 
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
   check_accept_rule(accept_rule)
+  common.check_decoding_args(model.config, top_k=top_k, top_p=top_p, eos_id=eos_id)
   prompt, prompt_lengths = common.right_padded(prompt, prompt_lengths, padding_side)
   greedy, temperature, pad_id = common.decoding_defaults(temperature, greedy, pad_id, eos_id)
   return _sample_tidar(params, prompt, prompt_lengths, rng,

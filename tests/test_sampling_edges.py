@@ -1,0 +1,78 @@
+"""Edge cases of the shared logit processing and argument checks (ardiff/sampling/common.py): top-p ties and
+extremes (a traced top_p == 1 keeps the tail), [MASK] never sampled at any temperature / top-k / top-p, and clear
+errors for bad decoding arguments in every sampler entry point."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ardiff.config import ModelConfig
+from ardiff.model import Transformer
+from ardiff.sampling import common, sample_ar
+from ardiff.sampling.speculative import sample_speculative
+from ardiff.sampling.tidar import sample_tidar
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # a few small compiles, see conftest.py
+V, MASK = 6, 5
+
+
+def test_top_p_ties_are_kept_together():
+  """Entries tied with the last kept one are kept too: the nucleus never depends on the sort order of ties."""
+  logits = jnp.asarray([2.0, 0.0, 2.0, -1.0, 0.0, -3.0])
+  out = np.asarray(common.top_p_filter(logits, 0.3))  # 0.3 < mass of one top token: both tied tops stay
+  np.testing.assert_array_equal(out > common.NEG_INF / 2, [True, False, True, False, False, False])
+  out = np.asarray(common.top_p_filter(logits, 0.9))  # needs the two 0.0 logits: both stay
+  np.testing.assert_array_equal(out > common.NEG_INF / 2, [True, True, True, False, True, False])
+
+
+def test_top_p_extremes():
+  logits = jnp.asarray([[1.0, 3.0, 0.5, 2.9, -2.0, 0.0]])
+  only_top = np.asarray(common.top_p_filter(logits, 1e-6))
+  np.testing.assert_array_equal(only_top[0] > common.NEG_INF / 2, np.arange(V) == 1)
+  # top_p == 1 keeps every token even when float32 probabilities of the tail vanish against the head (the cumulative
+  # mass reaches 1.0 in float32 before the tail); traced, so the filter really runs.
+  tail = jnp.asarray([[40.0, 0.0, -5.0, 1.0, -30.0, 2.0]])
+  kept = jax.jit(common.top_p_filter)(tail, jnp.float32(1.0))
+  np.testing.assert_array_equal(np.asarray(kept), np.asarray(tail))
+  np.testing.assert_array_equal(np.asarray(common.process_logits(tail, top_p=1.0)), np.asarray(tail))
+
+
+_sample_tokens = jax.jit(common.sample_tokens, static_argnames=("mask_token_id", "top_k", "top_p", "greedy"))
+
+
+@pytest.mark.parametrize("temperature", [1e-8, 0.05, 1.0, 1e6, 1e30])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (1, 1.0), (3, 0.5), (0, 1e-6)])
+def test_mask_never_sampled(temperature, top_k, top_p):
+  """[MASK] has the LARGEST raw logit; after processing it has probability exactly 0 at any temperature (traced),
+  top-k and top-p, and is never sampled."""
+  logits = jnp.asarray([[0.5, -1.0, 2.0, 0.0, 1.0, 9.0]] * 2000)
+  tok, processed = _sample_tokens(jax.random.PRNGKey(0), logits, mask_token_id=MASK,
+                                  temperature=jnp.float32(temperature), top_k=top_k, top_p=top_p)
+  assert float(jnp.max(jax.nn.softmax(processed, -1)[:, MASK])) == 0.0
+  assert not np.any(np.asarray(tok) == MASK)
+
+
+CFG = ModelConfig(vocab_size=V, embed_dim=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32,
+                  mask_token_id=MASK)
+BAD = [(dict(top_p=0.0), r"top_p must lie in \(0, 1\].*got 0.0"), (dict(top_p=1.5), "top_p must lie in"),
+       (dict(top_p=math.nan), "top_p must lie in"), (dict(top_k=-1), r"top_k must be an integer >= 0.*got -1"),
+       (dict(temperature=-0.5), r"temperature must be >= 0 \(0 means greedy\), got -0.5"),
+       (dict(temperature=math.nan), "temperature must be >= 0"),
+       (dict(eos_id=V), r"eos_id=6 must lie in \[0, vocab_size=6\)"), (dict(eos_id=MASK), "is the \\[MASK\\] id")]
+
+
+@pytest.mark.parametrize("kw,match", BAD)
+@pytest.mark.parametrize("sampler", ["ar", "speculative", "tidar"])
+def test_bad_decoding_arguments_are_named(sampler, kw, match):
+  model = Transformer(CFG)
+  prompt, lens = np.zeros((2, 3), np.int32), np.array([3, 2], np.int32)
+  with pytest.raises(ValueError, match=match):  # raised before any tracing: no params needed
+    if sampler == "ar":
+      sample_ar(None, model, prompt, lens, rng=jax.random.PRNGKey(0), max_new_tokens=4, **kw)
+    elif sampler == "speculative":
+      sample_speculative(None, model, None, model, prompt, lens, rng=jax.random.PRNGKey(0), max_new_tokens=4, **kw)
+    else:
+      sample_tidar(None, model, prompt, lens, rng=jax.random.PRNGKey(0), max_new_tokens=4, **kw)
