@@ -8,7 +8,7 @@ import subprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Built from pieces so that this file does not match itself.
 OUTSIDE = ("../" + "shared", "shared" + "/notes", "anchors" + ".md", "jax_stack" + ".md", "tpu_static_cost" + ".md")
-OUTSIDE_SECTION = re.compile("anchors" + r"\s*§", re.I)  # "anchors §3.2": a section of a notes file not shipped
+OUTSIDE_SECTION = re.compile("anchors" + r"\s*§", re.I)  # a section of that notes file (the word, then a section sign)
 POINTER = re.compile(r"docs/algorithms\.md`*((?:[\s,;]*§\d+(?:\.\d+)?(?:[–-]\d+(?:\.\d+)?)?)+)")
 
 
