@@ -2,6 +2,7 @@
 
 * ``verify`` alone, on fixed distributions: the correction law, the bonus law (all drafts accepted: from ``p``
   itself, not from ``norm(max(0, p - uniform))``), drafts from a ``q`` with removed entries, ``p == q``, greedy.
+* ``sample_ar`` (the reference) on a left-padded batch, so the exact law below is checked against a sampler too.
 * End to end: the exact joint law of the first ``T = 5`` generated tokens is enumerated from uncached forwards of a
   tiny model (5 real tokens + [MASK]) for two prompts of different lengths sampled in ONE ragged batch, and compared
   (chi-square) with the sampler's empirical joint of all 5 tokens, the joints of consecutive pairs and the marginal of
@@ -25,8 +26,8 @@ from scipy import stats
 from ardiff import masks as masks_lib
 from ardiff.config import ModelConfig
 from ardiff.model import Transformer, init_params
-from ardiff.sampling import common
-from ardiff.sampling.rejection import verify
+from ardiff.sampling import common, sample_ar
+from ardiff.sampling.rejection import residual, verify
 from ardiff.sampling.speculative import sample_speculative
 from ardiff.sampling.tidar import sample_tidar
 
@@ -125,6 +126,14 @@ def test_verify_negative_controls_fail_the_same_check():
     assert min(pvals) < P_FAIL, (rule, pvals)
 
 
+def test_residual_falls_back_to_p_when_p_equals_q():
+  """A rejection when p == q has probability 0; if rounding produces one anyway, the token still comes from p."""
+  p = jax.nn.softmax(jnp.asarray([[0.0, 1.0, -2.0, 3.0]]), -1)
+  np.testing.assert_array_equal(np.asarray(residual(p, p)), np.asarray(p))
+  q = jax.nn.softmax(jnp.asarray([[1.0, 1.0, -2.0, 3.0]]), -1)
+  np.testing.assert_allclose(np.asarray(residual(p, q)), np.maximum(np.asarray(p) - np.asarray(q), 0), atol=0)
+
+
 def test_verify_greedy_and_shapes():
   p = jnp.asarray([[[0., 3, 1], [2, 0, 1], [0, 0, 5]]] * 3)  # argmax: 1, 0, 2
   q = jnp.zeros((3, 2, 3))
@@ -216,6 +225,17 @@ def _assert_exact(pvals, what):
 
 def _assert_rejected(pvals, what):
   assert min(pvals.values()) < P_FAIL, (what, pvals)
+
+
+def test_ar_law_left_padded(models):
+  """The reference sampler itself, on a left-padded ragged batch, at temperature 0.7 with top-k and top-p."""
+  model, params, _, _ = models
+  prompt, lens = _batch()
+  width = prompt.shape[1]
+  left = np.stack([np.roll(row, width - n) for row, n in zip(prompt, lens)])
+  res = sample_ar(params, model, left, lens, rng=jax.random.PRNGKey(99), max_new_tokens=T, temperature=0.7, top_k=4,
+                  top_p=0.6, padding_side="left")
+  _assert_exact(_law_pvalues(res.tokens, model, params, 0.7, 4, 0.6), "ar")
 
 
 SPEC_CASES = [  # (num_draft, temperature, top_k, top_p, drafter == target)
