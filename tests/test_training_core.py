@@ -5,6 +5,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ardiff import sharding
@@ -94,6 +95,17 @@ def test_nan_guard_keeps_old_state():
   new2, m2 = jax.jit(make_train_step(inf_grad_loss, tx, ema_decay=0.9))(state, _data())
   assert int(m2["nonfinite"]) == 1
   np.testing.assert_array_equal(np.asarray(new2.params["w"]), np.asarray(state.params["w"]))
+
+
+def test_nan_guard_checks_the_updated_params():
+  """A NaN learning rate: loss and gradients are finite, the updated parameters are not; the update is refused."""
+  tx = optax.sgd(float("nan"))
+  state = TrainState.create(_params(), tx, jax.random.key(0))
+  new, m = jax.jit(make_train_step(_quad_loss, tx))(state, _data())
+  assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+  assert int(m["nonfinite"]) == 1
+  assert int(new.step) == 0
+  np.testing.assert_array_equal(np.asarray(new.params["w"]), np.asarray(state.params["w"]))
 
 
 def test_grad_accumulation_equals_big_batch():

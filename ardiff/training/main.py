@@ -6,6 +6,8 @@ What a run directory holds: ``checkpoints/`` (orbax: state + data iterator + con
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import time
@@ -21,7 +23,12 @@ from ardiff.model import Transformer
 from ardiff.training import checkpoint as checkpoint_lib
 from ardiff.training import evaluate as evaluate_lib
 from ardiff.training import optimizer as optimizer_lib
+from ardiff.training import run_dir as run_dir_lib
 from ardiff.training import train_state as train_state_lib
+# The run-directory readers live in run_dir.py; re-exported because README/Colab call them from here.
+from ardiff.training.run_dir import load_params, load_run, read_config, restore_params  # noqa: F401
+
+_read_config = read_config  # the old private name
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               "configs", "default.py")
@@ -60,11 +67,20 @@ def eval_batches(exp, tok):
 
 
 def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_after: Optional[int] = None) -> dict:
-  """Trains the experiment ``config`` and returns the final metrics. ``stop_after`` ends the loop early (tests)."""
+  """Trains the experiment ``config`` and returns the final metrics. ``stop_after`` ends the loop early (tests).
+
+  Everything it opens (TensorBoard writer, ``metrics.jsonl``, checkpointer, SIGTERM handler) is released when it
+  returns or raises, so a failed call in a notebook leaves nothing behind.
+  """
   exp = experiment_lib.validate(config, devices=jax.devices())
+  run_dir = run_dir_lib.as_path(exp.train["run_dir"])  # a local path or a URL (gs://...), never abspath'ed
+  run_dir.mkdir(parents=True, exist_ok=True)
+  with contextlib.ExitStack() as cleanup:
+    return _train(exp, run_dir, cleanup, progress=progress, stop_after=stop_after)
+
+
+def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_after: Optional[int]) -> dict:
   tcfg = exp.train
-  run_dir = os.path.abspath(os.path.expanduser(tcfg["run_dir"]))
-  os.makedirs(run_dir, exist_ok=True)
   mesh = sharding.make_mesh(**{a: int(exp.mesh[a]) for a in sharding.MESH_AXES})
   model = Transformer(exp.model)
   train_ds, tok = make_datasets(exp, seed=int(tcfg["seed"]))
@@ -82,53 +98,71 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_afte
                                       lr_schedule=lr_schedule, grad_accum_steps=accum), state_sh, batch_sh),
       mesh, exp.rules)
 
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=int(tcfg["keep_checkpoints"]),
+  ckpt = checkpoint_lib.Checkpointer(run_dir / run_dir_lib.CHECKPOINTS, max_to_keep=int(tcfg["keep_checkpoints"]),
                                      save_every=int(tcfg["save_every"]) * accum)
-  start = 0
+  cleanup.callback(ckpt.close)  # waits for an in-flight save, also when the loop raises
+  # start: the micro-step training starts from; last_saved: the micro-step whose state is on disk (the restored
+  # one, or none yet: a fresh run saves step 0 if its first update is refused)
+  start, last_saved = 0, None
   if tcfg["resume"] and ckpt.latest_step() is not None:
-    _, state = ckpt.restore(sharding.with_shardings(abstract_state, state_sh), data_iter=train_iter)
-    start = int(jax.device_get(state.step))
-    print(f"Resumed from {ckpt.directory} at step {start // accum}.")
+    try:  # a corrupt latest step is moved aside and the previous one restored (checkpoint.restore_latest)
+      _, state = ckpt.restore(sharding.with_shardings(abstract_state, state_sh), data_iter=train_iter)
+      start = last_saved = int(jax.device_get(state.step))
+      print(f"Resumed from {ckpt.directory} at step {start // accum}.")
+    except checkpoint_lib.NoCheckpointError as e:  # every step was corrupt (all moved aside): start over
+      print(f"{e} Training from step 0.")
+      state, _, _ = create_state(model, tx, mesh, exp.rules, seed=int(tcfg["seed"]), ema=ema_decay > 0)
+      train_iter = iter(train_ds)
   elif tcfg["init_from"]:
-    params = load_params(tcfg["init_from"], model, mesh, exp.rules)
+    params = run_dir_lib.load_params(tcfg["init_from"], model, mesh, exp.rules)
     state = jax.jit(lambda p: train_state_lib.TrainState.create(p, tx, jax.random.key(int(tcfg["seed"]) + 1),
                                                                 use_ema=ema_decay > 0),
                     out_shardings=state_sh)(params)
     print(f"Initialised parameters from {tcfg['init_from']} (objective now {exp.objective.kind!r}).")
-  with open(os.path.join(run_dir, "config.json"), "w") as f:
-    f.write(exp.raw.to_json_best_effort(indent=2))
+  run_dir_lib.write_config(run_dir, exp.raw)
 
+  # Records after the restored step belong to steps about to be replayed: drop them (metrics.jsonl) and tell
+  # TensorBoard to discard its later events (purge_step), so a rerun never duplicates a step.
   from tensorboardX import SummaryWriter
-  writer = SummaryWriter(os.path.join(run_dir, "tb"))
-  metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+  start_step = start // accum
+  metrics_log = run_dir_lib.MetricsLog(run_dir / run_dir_lib.METRICS_FILE, start_step)
+  cleanup.callback(metrics_log.close)
+  writer = SummaryWriter(str(run_dir / run_dir_lib.TB_DIR), purge_step=start_step + 1 if start_step else None)
+  cleanup.callback(writer.close)
   total_steps = int(tcfg["num_steps"])
   num_steps = total_steps if stop_after is None else min(total_steps, stop_after)
   tokens_per_step = tcfg["batch_size"] * exp.data["seq_len"]
   stop = _StopOnSigterm()
-  bar = _progress(start // accum, total_steps, enabled=progress)
+  cleanup.callback(stop.restore)
+  bar = _progress(start_step, total_steps, enabled=progress)
+  cleanup.callback(bar.close)
   eval_fn = sharding.under_mesh(evaluate_lib.make_jitted_eval(model, exp.objective), mesh, exp.rules)
   put = lambda b: data_lib.to_global_batch(b, batch_sh)
-  last, t0, last_logged, last_saved = {}, time.time(), start // accum, start
+  save = lambda s, **kw: ckpt.save(s, state, data_iter=train_iter, config_dict=exp.raw.to_dict(), **kw)
+  last, t0, last_logged = {}, time.time(), start_step
   for micro in range(start, num_steps * accum):
     state, metrics = step_fn(state, put(next(train_iter)))  # one micro-batch; optax.MultiSteps accumulates
+    # One scalar per micro-step (the all-reduced finiteness of loss, grads and updated params): a bad step was not
+    # applied, so `state` is the last good one; save it (unless it is saved already) and stop.
+    if int(metrics["nonfinite"]):
+      if last_saved != micro:
+        save(micro, force=True)
+      ckpt.wait()
+      raise train_state_lib.NonFiniteError(
+          f"step {micro // accum + 1}: non-finite loss, gradient or updated parameters (loss="
+          f"{float(metrics['loss'])}); the update was not applied and the state before it is saved in "
+          f"{ckpt.directory}. Lower optimizer.learning_rate or check the data.")
     if (micro + 1) % accum:
       continue
     done = (micro + 1) // accum  # optimizer steps
     if done % tcfg["log_every"] == 0 or done == num_steps:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if metrics.get("nonfinite", 0.0):
-        ckpt.save(micro, state, data_iter=train_iter, config_dict=exp.raw.to_dict(), force=True)
-        ckpt.wait()
-        raise train_state_lib.NonFiniteError(
-            f"step {done}: non-finite loss or gradient (loss={metrics.get('loss')}); the state before this step is "
-            f"saved in {ckpt.directory}. Lower optimizer.learning_rate or check the data.")
       now = time.time()  # throughput over the logging window, so the first window's compile time washes out
       metrics["tokens_per_s"] = tokens_per_step * (done - last_logged) / max(now - t0, 1e-9)
       t0, last_logged = now, done
       for k, v in metrics.items():
         writer.add_scalar(f"train/{k}", v, done)
-      metrics_file.write(json.dumps({"step": done, **metrics}) + "\n")
-      metrics_file.flush()
+      metrics_log.write({"step": done, **metrics})
       bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
       last = metrics
     bar.update(1)
@@ -138,30 +172,28 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_afte
                                  put_batch=put, byte_vocab=exp.data["tokenizer"].startswith("byte"))
       for k, v in ev.items():
         writer.add_scalar(f"eval/{k}", v, done)
-      metrics_file.write(json.dumps({"step": done, **{f"eval/{k}": v for k, v in ev.items()}}) + "\n")
+      metrics_log.write({"step": done, **{f"eval/{k}": v for k, v in ev.items()}})
       bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float)))
       last.update({f"eval/{k}": v for k, v in ev.items()})
-    if ckpt.save(micro + 1, state, data_iter=train_iter, config_dict=exp.raw.to_dict()):
+    if save(micro + 1):
       last_saved = micro + 1
-    if stop.requested:
+    if stop.requested:  # SIGTERM (preemption, launch/tpu_vm.sh stop): save this step once, then leave the loop
       if last_saved != micro + 1:
-        ckpt.save(micro + 1, state, data_iter=train_iter, config_dict=exp.raw.to_dict(), force=True)
+        save(micro + 1, force=True)
+        last_saved = micro + 1
       ckpt.wait()
       bar.write(f"SIGTERM: saved step {done} in {ckpt.directory}; run the same command again to resume.")
       break
   bar.close()
   final_micro = int(jax.device_get(state.step))
   if last_saved != final_micro:
-    ckpt.save(final_micro, state, data_iter=train_iter, config_dict=exp.raw.to_dict(), force=True)
+    save(final_micro, force=True)
   ckpt.wait()
-  stop.restore()
-  if final_micro == total_steps * accum and int(tcfg["num_samples"]) > 0:
+  if final_micro == total_steps * accum and int(tcfg["num_samples"]) > 0 and not stop.requested:
     text = write_samples(state.params, model, exp, tok, run_dir)
     print(text)
-  _plot_loss(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"))
-  writer.close()
-  metrics_file.close()
-  ckpt.close()
+  writer.flush()
+  plot_loss(run_dir / run_dir_lib.METRICS_FILE, run_dir / "loss.png")
   return last
 
 
@@ -195,6 +227,7 @@ class _StopOnSigterm:
   def restore(self):
     if self._old is not None:
       self._signal.signal(self._signal.SIGTERM, self._old)
+      self._old = None
 
 
 def write_samples(params, model, exp, tok, run_dir) -> str:
@@ -203,94 +236,11 @@ def write_samples(params, model, exp, tok, run_dir) -> str:
   texts = generate_for_experiment(params, model, exp, tok, num_samples=int(exp.train["num_samples"]),
                                   num_tokens=int(exp.train["sample_tokens"]), rng=jax.random.key(0))
   body = "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts))
-  with open(os.path.join(run_dir, "samples.txt"), "w") as f:
-    f.write(body + "\n")
+  (run_dir_lib.as_path(run_dir) / "samples.txt").write_text(body + "\n")
   return body
 
 
-def load_params(path: str, model: Transformer, mesh, rules):
-  """Parameters for ``train.init_from``, on this mesh: the latest checkpoint of a run directory (``ardiff train``
-  or ``ardiff convert``), a checkpoints directory, or a params directory (``ardiff export --to params``). Only
-  ``model``'s weight layout must match the source (objective, optimizer and dtype may differ)."""
-  from ardiff.export import params as params_lib
-  path = os.path.abspath(os.path.expanduser(path))
-  if params_lib.is_params_dir(path):
-    return params_lib.load_params_dir(path, mesh=mesh, rules=rules, target=model.config)[1]
-  ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  source_cfg = os.path.join(os.path.dirname(ckpt_dir), "config.json")
-  if os.path.isfile(source_cfg):  # a clear message instead of orbax's shape/structure error
-    params_lib.check_compatible(_read_config(os.path.dirname(ckpt_dir))[1], model.config, ckpt_dir)
-  abstract, shardings = sharding.abstract_params_and_shardings(model, mesh, rules)
-  return restore_params(ckpt_dir, sharding.with_shardings(abstract, shardings))
-
-
-def restore_params(ckpt_dir: str, target, *, use_ema: bool = False):
-  """Only the parameters (or their EMA) of the latest train-state checkpoint, onto ``target``'s shardings; the
-  optimizer state is never read, so a checkpoint of another objective or optimizer loads too."""
-  import orbax.checkpoint as ocp
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"no checkpoint directory at {ckpt_dir}; pass a run directory written by `ardiff train`.")
-  mngr = ocp.CheckpointManager(ckpt_dir, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{ckpt_dir} holds no finished checkpoint.")
-  key = "ema_params" if use_ema else "params"
-  item = {key: target}
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
-  mngr.close()
-  if out.state.get(key) is None:
-    raise ValueError(f"checkpoint {ckpt_dir}/{step} has no {key!r} (was the run trained with an EMA?).")
-  return out.state[key]
-
-
-def _read_config(run_dir: str):
-  """``(ConfigDict, ModelConfig)`` of the ``config.json`` in ``run_dir``."""
-  from ardiff.config import ModelConfig
-  cfg_path = os.path.join(run_dir, "config.json")
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"{cfg_path} not found: {run_dir} is not a run directory written by `ardiff train` "
-                            "(or a params directory written by `ardiff export --to params`).")
-  with open(cfg_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.rules)
-  return config, ModelConfig.from_dict(config.model.to_dict())
-
-
-def load_run(run_dir: str, *, use_ema: bool = False):
-  """``(experiment, model, params)`` of a run, on a mesh of this host's devices.
-
-  ``run_dir`` is a run directory (latest checkpoint; ``use_ema`` picks the EMA parameters) or a params directory
-  of ``ardiff export --to params`` (recognised by its ``model_config.json``; it holds one set of parameters, so
-  ``use_ema`` must match how it was exported).
-  """
-  from ardiff.export import params as params_lib
-  run_dir = os.path.abspath(os.path.expanduser(run_dir))
-  is_params_dir = params_lib.is_params_dir(run_dir)
-  if is_params_dir and not os.path.exists(os.path.join(run_dir, "config.json")):
-    raise FileNotFoundError(f"{run_dir}/config.json not found: this params directory carries no experiment config "
-                            "(tokenizer, objective, data). Export it from a run with `ardiff export --to params`, "
-                            "or read the bare parameters with ardiff.export.params.load_params_dir.")
-  config, _ = _read_config(run_dir)
-  if is_params_dir:
-    params_lib.resolve_tokenizer_path(config, run_dir)  # the exported tokenizer file sits in the directory
-  exp = experiment_lib.validate(config)
-  mesh = sharding.make_mesh(**{a: int(exp.mesh[a]) for a in sharding.MESH_AXES})
-  model = Transformer(exp.model)
-  if is_params_dir:
-    exported_ema = bool(params_lib.read_meta(run_dir).get("use_ema", False))
-    if use_ema and not exported_ema:
-      raise ValueError(f"{run_dir} holds the raw parameters, not the EMA; export the EMA with "
-                       "`ardiff export --to params --ema` or drop --ema.")
-    _, params = params_lib.load_params_dir(run_dir, mesh=mesh, rules=exp.rules, target=exp.model)
-    return exp, model, params
-  abstract, shardings = sharding.abstract_params_and_shardings(model, mesh, exp.rules)
-  params = restore_params(os.path.join(run_dir, "checkpoints"), sharding.with_shardings(abstract, shardings),
-                          use_ema=use_ema)
-  return exp, model, params
-
-
-def evaluate_run(run_dir: str, *, max_batches: Optional[int] = None, use_ema: bool = False) -> dict:
+def evaluate_run(run_dir, *, max_batches: Optional[int] = None, use_ema: bool = False) -> dict:
   """Evaluates the latest checkpoint of ``run_dir`` with the config saved beside it."""
   exp, model, params = load_run(run_dir, use_ema=use_ema)
   mesh = sharding.make_mesh(**{a: int(exp.mesh[a]) for a in sharding.MESH_AXES})
@@ -306,24 +256,38 @@ def _progress(start, total, enabled):
   return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
-def _plot_loss(metrics_path: str, out_path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  rows = [json.loads(line) for line in open(metrics_path)]
+EVAL_CURVES = (("eval/nelbo_per_token", "eval NELBO (nats/token)"), ("eval/nll_per_token", "eval NLL (nats/token)"))
+
+
+def plot_loss(metrics_path, out_path) -> None:
+  """``loss.png``: train loss and eval NELBO/NLL, all in nats per token, each its own labelled curve.
+
+  Draws on a bare ``matplotlib.figure.Figure`` with the Agg canvas: no pyplot, so the caller's backend (a notebook's
+  inline plots) is never changed."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  rows = [json.loads(line) for line in run_dir_lib.as_path(metrics_path).read_text().splitlines() if line.strip()]
+  fig = Figure(figsize=(6, 4))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
   train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-  evals = [(r["step"], r[k]) for r in rows for k in r if k.startswith("eval/") and k.endswith("_per_token")]
-  fig, ax = plt.subplots(figsize=(6, 4))
   if train:
-    ax.plot(*zip(*train), label="train loss")
-  if evals:
-    ax.plot(*zip(*evals), "o-", label="eval (nats/token)")
+    ax.plot(*zip(*train), label="train loss (nats/token)")
+  for key, label in EVAL_CURVES:
+    points = [(r["step"], r[key]) for r in rows if key in r]
+    if points:
+      ax.plot(*zip(*points), "o-", label=label)
   ax.set_xlabel("step")
   ax.set_ylabel("nats per token")
-  ax.legend()
+  if ax.lines:
+    ax.legend()
   fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
-  plt.close(fig)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  run_dir_lib.as_path(out_path).write_bytes(buf.getvalue())
+
+
+_plot_loss = plot_loss  # the old private name
 
 
 def main(argv) -> int:

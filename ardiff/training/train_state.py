@@ -50,8 +50,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_dec
                     lr_schedule: Optional[Callable] = None, grad_accum_steps: int = 1):
   """``(state, batch) -> (state, metrics)``; pure, jit-able.
 
-  ``loss_fn(params, batch, rng) -> (loss, metrics)``. If the loss, gradients or grad norm are not finite the OLD
-  state is returned unchanged and ``metrics['nonfinite'] == 1``; the caller should stop and save.
+  ``loss_fn(params, batch, rng) -> (loss, metrics)``. If the loss, gradients, grad norm or updated parameters are
+  not finite the OLD state is returned unchanged and ``metrics['nonfinite'] == 1``; the caller should stop and save.
   With ``optax.MultiSteps`` (grad_accum_steps > 1) each call is one micro-step; EMA moves only on real updates.
   """
 
@@ -71,7 +71,9 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_dec
       new_ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema_params, new_params)
     new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state,
                               ema_params=new_ema, rng=rng)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(grads)
+    # The updated parameters too: a NaN/inf learning rate (or an overflowing update) gives finite grads but NaN
+    # params. Under jit on sharded arrays this is one all-reduced bool.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(grads) & _all_finite(new_params)
     out_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
     metrics = dict(aux) if isinstance(aux, dict) else {}
     metrics.update(loss=loss, grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.int32))
@@ -82,8 +84,9 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_dec
   return step_fn
 
 
-class NonFiniteError(FloatingPointError):
-  """Raised by :func:`raise_if_nonfinite`; the state passed to the failing step is intact and can be saved."""
+class NonFiniteError(FloatingPointError, ValueError):
+  """Raised by :func:`raise_if_nonfinite` and the trainer; the state passed to the failing step is intact and can be
+  saved. A ValueError too, so the CLI reports it as ``error: ...`` (its cause is a setting or the data)."""
 
 
 def raise_if_nonfinite(metrics, step) -> None:
