@@ -10,6 +10,8 @@ Both run one jitted forward per call and are meant for tests and debugging, not 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +24,9 @@ from ardiff.sampling.commit_rules import commit_mask, first_sub_block, token_sco
 DETERMINISTIC = ("topk_confidence", "threshold", "dynamic", "factor", "entropy_bounded")
 
 
-def _uncached(params, model, block_size):
+@functools.lru_cache(maxsize=16)
+def _uncached(model, block_size):
+  """The jitted uncached forward, built once per (model, B): repeated reference calls reuse its compiles."""
   return jax.jit(lambda p, t: model.apply({"params": p}, t, mask=masks_lib.BlockCausal(block_size)).logits)
 
 
@@ -48,7 +52,7 @@ def reference_block_logits(params, model, prompt, prompt_lengths, result: BlockD
     row = np.concatenate([prompt[r, :aligned[r]], raw[r, :n * bs], tr["inputs"][s, r]])
     seqs[c, :len(row)] = row  # trailing padding is invisible under BlockCausal
     starts[c] = aligned[r] + n * bs
-  logits = np.asarray(_uncached(params, model, bs)(params, jnp.asarray(seqs)))
+  logits = np.asarray(_uncached(model, bs)(params, jnp.asarray(seqs)))
   s_total, b = tr["block"].shape
   out = np.full((s_total, b, bs + 1, logits.shape[-1]), np.nan, np.float32)
   for c, (s, r) in enumerate(cells):
@@ -71,7 +75,7 @@ def reference_greedy_block_diffusion(params, model, prompt, prompt_lengths, *, b
   mask_id = model.config.mask_token_id
   bs = block_size
   k = -(-bs // (steps_per_block or bs))
-  fwd = _uncached(params, model, bs)
+  fwd = _uncached(model, bs)
   width = prompt.shape[1] + (num_blocks + 1) * bs  # one static shape: one compile
   out = np.zeros((len(lens), num_blocks * bs), np.int32)
   for r, n_prompt in enumerate(lens):
