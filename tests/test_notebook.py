@@ -72,6 +72,7 @@ def test_quickstart_runs_top_to_bottom(checkout):
   assert "requirements.txt is already installed" in _text(_cell(nb, "find_checkout(ARDIFF_REPO)"))
   assert _text(_cell(nb, "samples.txt")).strip(), "the samples cell printed nothing"
   plot = _cell(nb, "plt.show()")
+  # The inline backend is chosen once, before train(): an image here also means train() left the backend alone.
   assert any("image/png" in o.get("data", {}) for o in plot.outputs), f"no image from the plot cell: {plot.outputs}"
   numbers = r"\d+\.\d+"
   assert re.search(numbers, _text(_cell(nb, "-m ardiff eval"))), _text(_cell(nb, "-m ardiff eval"))
