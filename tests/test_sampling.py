@@ -350,7 +350,7 @@ def test_sub_block_commits_left_to_right():
     (dict(steps_per_block=5), r"steps_per_block must be in \[1, block_size=4\]"),
     (dict(padding_side="middle"), "padding_side must be"),
     (dict(steps_per_block=0), r"steps_per_block must be in \[1, block_size=4\], got 0"),
-    (dict(top_k=-1), "top_k must be >= 0"),
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
     (dict(top_p=0.0), r"top_p must lie in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must lie in \(0, 1\]"),
     (dict(eos_id=MASK), r"eos_id=23 is the \[MASK\] id"),

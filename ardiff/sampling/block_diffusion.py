@@ -43,8 +43,7 @@ import jax.numpy as jnp
 from ardiff import masks as masks_lib
 from ardiff.model import KVCache
 from ardiff.sampling import common
-from ardiff.sampling.ar import prefill
-from ardiff.sampling.block_diffusion_options import KV_WRITES, BlockDiffusionOptions, check_knobs
+from ardiff.sampling.block_diffusion_options import KV_WRITES, BlockDiffusionOptions, check_rule_scalars
 from ardiff.sampling.commit_rules import STRATEGIES, commit_mask, first_sub_block, shift_logits, token_scores
 
 __all__ = ["KV_WRITES", "STRATEGIES", "BlockDiffusionOptions", "BlockDiffusionResult", "DenoiseState", "commit_mask",
@@ -119,7 +118,7 @@ def init_state(params, prompt, prompt_lengths, rng, *, model, opts: BlockDiffusi
   bs, vocab, iters = opts.block_size, model.config.vocab_size, opts.max_iters
   aligned = (prompt_lengths // bs) * bs
   tail = prompt_lengths - aligned
-  cache, last = prefill(params, model, prompt, aligned, p + (opts.num_blocks + 1) * bs,
+  cache, last = common.prefill(params, model, prompt, aligned, p + (opts.num_blocks + 1) * bs,
                         masks_lib.BlockCausal(bs))
   j = jnp.arange(bs)
   is_tail = j[None] < tail[:, None]  # [b, B] block-0 slots that hold prompt tokens
@@ -303,7 +302,7 @@ def sample_block_diffusion(params, model, prompt, prompt_lengths, *, rng, block_
   tokens; confidences are probabilities of the chosen token under the processed ([MASK]-free, temperature,
   top-k, top-p) distribution. ``eos_id`` stops rows independently after the block holding their first EOS.
   """
-  check_knobs(temperature, threshold=threshold, factor=factor, gamma=gamma)
+  check_rule_scalars(threshold=threshold, factor=factor, gamma=gamma)
   greedy, temperature, pad_id = common.decoding_defaults(temperature, greedy, pad_id, eos_id)
   opts = BlockDiffusionOptions.create(
       model.config, block_size=int(block_size), num_blocks=int(num_blocks), strategy=strategy,

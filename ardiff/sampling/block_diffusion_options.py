@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from typing import Optional
 
+from ardiff.sampling import common
 from ardiff.sampling.commit_rules import STRATEGIES
 
 KV_WRITES = ("separate", "fused")
@@ -57,16 +59,9 @@ class BlockDiffusionOptions:
     sub = self.sub_block_size
     if sub is not None and (sub < 1 or self.block_size % sub):
       raise ValueError(f"sub_block_size={sub} must be a positive divisor of block_size={self.block_size}.")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}.")
-    if not 0.0 < self.top_p <= 1.0:  # NaN fails too
-      raise ValueError(f"top_p must lie in (0, 1] (1 keeps every token), got {self.top_p}.")
-    if self.eos_id is not None:
-      if not 0 <= self.eos_id < self.vocab_size:
-        raise ValueError(f"eos_id={self.eos_id} must lie in [0, vocab_size={self.vocab_size}).")
-      if self.eos_id == self.mask_id:
-        raise ValueError(f"eos_id={self.eos_id} is the [MASK] id, which is never sampled, so no row would ever stop; "
-                         "pass the tokenizer's EOS id.")
+    # The filters and the EOS id are checked as for every sampler (the model config's two fields they need).
+    vocab = types.SimpleNamespace(vocab_size=self.vocab_size, mask_token_id=self.mask_id)
+    common.check_decoding_args(vocab, top_k=self.top_k, top_p=self.top_p, eos_id=self.eos_id)
 
   @classmethod
   def create(cls, config, **kw) -> "BlockDiffusionOptions":
@@ -99,10 +94,9 @@ class BlockDiffusionOptions:
     return self.num_blocks * (steps + 1)
 
 
-def check_knobs(temperature, **scalars):
-  """Validate the traced sampling scalars when they are Python numbers (traced values cannot be checked)."""
-  if isinstance(temperature, (int, float)) and not temperature >= 0:
-    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+def check_rule_scalars(**scalars):
+  """The commit rules' traced scalars (threshold, factor, gamma) must be finite when they are Python numbers (traced
+  values cannot be checked); the temperature is checked by :func:`common.decoding_defaults`."""
   for name, v in scalars.items():
     if isinstance(v, (int, float)) and not math.isfinite(v):
       raise ValueError(f"{name} must be a finite number, got {v}.")
