@@ -292,8 +292,8 @@ def sample_block_diffusion(params, model, prompt, prompt_lengths, *, rng, block_
   each in ``[1, P]``, padding on ``padding_side``).
 
   Strategies (docs/algorithms.md §4.2–4.4): ``first_hitting`` (random positions, ``k = ceil(B / steps_per_block)``
-  per step; the default k = 1 is BD3's exact first-hitting sampler), ``ddpm_cache`` (``steps_per_block`` time steps, each masked
-  token unmasks w.p. ``(t - s) / t``; steps that change nothing reuse the last logits, no forward),
+  per step; the default k = 1 is BD3's exact first-hitting sampler), ``ddpm_cache`` (``steps_per_block`` time steps,
+  each masked token unmasks w.p. ``(t - s) / t``; steps that change nothing reuse the last logits, no forward),
   ``topk_confidence`` (k most confident), ``threshold`` (Fast-dLLM: top-1 plus every confidence >= τ),
   ``dynamic`` (SDAR: every confidence > τ if there are >= k of them, else top-k), ``factor`` (Fast-dLLM factor
   rule, ``factor`` = f), ``entropy_bounded`` (lowest-entropy prefix with total entropy <= ``gamma``).
