@@ -16,8 +16,7 @@ import numpy as np
 
 from ardiff import masks as masks_lib
 from ardiff.model import KVCache
-
-NEG_INF = -1e30  # finite "minus infinity": keeps softmax/entropy free of NaNs when whole rows are masked out
+from kernels_pallas.common import NEG_INF  # the one finite "minus infinity": no NaN when a whole row is masked
 
 
 def remove_mask_logit(logits: jax.Array, mask_token_id: Optional[int]) -> jax.Array:
