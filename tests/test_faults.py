@@ -168,6 +168,7 @@ def test_rewind_metrics_drops_later_and_cut_lines(tmp_path):
   assert path.read_text() == "".join(x + "\n" for x in lines[:5])
   log = run_dir_lib.MetricsLog(path, 3)
   log.write({"step": 4, "loss": 0.5})
+  assert path.read_text().splitlines()[-1] == '{"step": 4, "loss": 0.5}'  # flushed at once (loss.png reads it)
   log.close()
   assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
 
@@ -178,6 +179,8 @@ def test_paths_keep_urls_and_expand_local(monkeypatch, tmp_path):
     p = run_dir_lib.as_path(url)
     assert str(p) == url and str(p / "checkpoints") == url + "/checkpoints"  # never ./gs:/bucket/x
   assert str(run_dir_lib.as_path("~/run")) == str(tmp_path / "run")
+  from ardiff.export import io as io_lib
+  assert io_lib.clean_path("gs://bucket/out") == "gs://bucket/out" and io_lib.clean_path("~/o") == str(tmp_path / "o")
   monkeypatch.chdir(tmp_path)
   assert str(run_dir_lib.as_path("rel")) == str(tmp_path / "rel")
 
@@ -204,3 +207,21 @@ def test_train_nan_update_saves_the_last_good_state_and_releases_everything(tmp_
   assert sorted(n for n in os.listdir(run_dir / "checkpoints") if n.isdigit()) == ["0"]
   _, _, params = train_main.load_run(str(run_dir))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_loss_plot_shows_every_curve_in_nats_and_keeps_the_backend(tmp_path):
+  import sys
+
+  import matplotlib
+  backend, pyplot_loaded = matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules
+  rows = [{"step": s, "loss": 5.0 - s / 10} for s in range(1, 11)]
+  rows += [{"step": 5, "eval/nelbo_per_token": 4.0, "eval/bits_per_token": 5.77},
+           {"step": 10, "eval/nelbo_per_token": 3.0, "eval/bits_per_token": 4.33}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  fig = train_main.plot_loss(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+  curves = {line.get_label(): line.get_xydata().tolist() for line in fig.axes[0].lines}
+  assert curves == {"train loss (nats/token)": [[r["step"], r["loss"]] for r in rows[:10]],
+                    "eval NELBO (nats/token)": [[5.0, 4.0], [10.0, 3.0]]}  # bits are not mixed in; last eval shown
+  assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert matplotlib.get_backend() == backend
+  assert ("matplotlib.pyplot" in sys.modules) == pyplot_loaded  # no pyplot: it would pick/switch a backend

@@ -94,8 +94,8 @@ def _assert_same_losses(run_dir, reference):
 def test_sigterm_and_kill_minus_9_around_async_saves_resume_bit_identically(tmp_path, data_dir, reference):
   """One run interrupted four times (hooks in ardiff/training/checkpoint.py): SIGTERM between periodic saves (a
   preemption: one save, rc 0, its message), then kill -9 before a save starts, while its asynchronous write runs, and
-  after its commit. Each rerun restores the last complete step; the finished run logs each step once and its losses
-  equal the uninterrupted run's bit for bit."""
+  after its commit; then the latest step's arrays are truncated. Each rerun restores the last complete (sound) step;
+  the finished run logs each step once and its losses equal the uninterrupted run's bit for bit."""
   run_dir = tmp_path / "faults"
   resume_from = None
   for fault in ("sigterm:6", "before:12", "during:20", "after:28", None):
@@ -121,6 +121,14 @@ def test_sigterm_and_kill_minus_9_around_async_saves_resume_bit_identically(tmp_
       else:  # the interrupted save is never listed as a step (orbax commits by renaming a finished directory)
         assert complete[-1] < step or (when == "during" and complete[-1] == step), (fault, complete)
     resume_from = complete[-1]  # the last complete step, which the next run must restore
+    if when == "after":  # and then the latest step is damaged: the last run moves it aside and resumes before it
+      for dirpath, _, files in os.walk(os.path.join(run_dir, "checkpoints", str(step), "state", "d")):
+        for f in files:
+          os.truncate(os.path.join(dirpath, f), 3)
+      resume_from = complete[-2]
+  assert out.count("checkpoint step 28 ") == 1 and "moved aside to 28.corrupt-" in out, out  # warned once
+  assert any(n.startswith("28.corrupt-") for n in os.listdir(os.path.join(run_dir, "checkpoints")))
+  assert committed(run_dir)[-1] == 40  # it got past step 28, saving it again without StepAlreadyExistsError
   _assert_same_losses(run_dir, reference)
 
 

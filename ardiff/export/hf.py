@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from ardiff.config import DTYPES, ModelConfig
+from ardiff.export import tree_io
 
 log = logging.getLogger(__name__)
 
@@ -154,17 +155,7 @@ def config_to_hf(cfg: ModelConfig, *, max_position_embeddings: int = 4096,
 
 
 # ------------------------------------------------------------------------------------------- tensor readers
-def _norm(idx: Sequence[Any], shape: Sequence[int]) -> Tuple[slice, ...]:
-  idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
-  out = []
-  for s, n in zip(idx, shape):
-    if not isinstance(s, slice):
-      raise TypeError(f"unexpected index {s!r}")
-    start, stop, step = s.indices(n)
-    if step != 1:
-      raise ValueError(f"strided index {s!r} is not supported")
-    out.append(slice(start, stop))
-  return tuple(out)
+_norm = tree_io.norm_index  # shared with the params-directory reader (ardiff/export/tree_io.py)
 
 
 def _rows(s: slice, inner: int) -> slice:
@@ -328,23 +319,7 @@ def _leaf_plan(cfg: ModelConfig, st: _SafetensorsDir):
   return plan
 
 
-def _fit_sharding(sharding, shape):
-  """``sharding`` with every mesh axis that does not divide its dimension dropped (that dim replicated)."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  mesh_shape = dict(sharding.mesh.shape)
-  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-  changed = False
-  for i, (axes, n) in enumerate(zip(spec, shape)):
-    if axes is None:
-      continue
-    names = axes if isinstance(axes, tuple) else (axes,)
-    size = int(np.prod([mesh_shape[a] for a in names]))
-    if n % size:
-      log.warning("dimension %d (size %d) of a %s parameter is not divisible by mesh axes %s (%d); replicating it.",
-                  i, n, shape, names, size)
-      spec[i] = None
-      changed = True
-  return NamedSharding(sharding.mesh, P(*spec)) if changed else sharding
+_fit_sharding = tree_io.fit_sharding
 
 
 def _read_tree(model_dir: str, cfg: ModelConfig, shardings=None) -> dict:

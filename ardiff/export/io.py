@@ -45,17 +45,33 @@ def _make_readable_like_the_rest(root: str) -> None:
         os.chmod(path, file_mode)
 
 
+def is_url(path) -> bool:
+  return "://" in os.fspath(path)
+
+
 def clean_path(path) -> str:
-  return os.path.abspath(os.path.expanduser(os.fspath(path)))
+  """A local path expanded and made absolute; a URL (``gs://...``) exactly as given (abspath would make it
+  ``./gs:/...``)."""
+  path = os.fspath(path)
+  return path if is_url(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def _entries(out_dir: str):
+  """``None`` when ``out_dir`` does not exist, else its entry names; raises when it is a file."""
+  from etils import epath
+  p = epath.Path(out_dir)
+  if not p.exists():
+    return None
+  if not p.is_dir():
+    raise NotADirectoryError(f"output {out_dir} exists and is a file; choose a directory path for --out.")
+  return sorted(c.name for c in p.iterdir())
 
 
 def check_output_dir(out_dir, *, overwrite: bool = False) -> str:
   """Raises before anything is written when ``out_dir`` cannot be (re)written; returns its absolute path."""
   out_dir = clean_path(out_dir)
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise NotADirectoryError(f"output {out_dir} exists and is a file; choose a directory path for --out.")
-  if os.path.isdir(out_dir):
-    entries = sorted(os.listdir(out_dir))
+  entries = _entries(out_dir)
+  if entries is not None:
     if entries and not overwrite:
       raise FileExistsError(f"output directory {out_dir} is not empty ({len(entries)} entries, e.g. "
                             f"{entries[:3]}); choose another --out or pass --overwrite (overwrite=True) to "
@@ -70,9 +86,15 @@ def check_output_dir(out_dir, *, overwrite: bool = False) -> str:
 def staged_output(out_dir, *, overwrite: bool = False) -> Iterator[str]:
   """Yields a temporary directory; when the block succeeds it becomes ``out_dir`` (replacing the old one).
 
-  On an exception the temporary directory is deleted and ``out_dir`` is left exactly as it was.
+  On an exception the temporary directory is deleted and ``out_dir`` is left exactly as it was. A URL ``out_dir``
+  (an object store: no atomic directory rename) is staged in a local temporary directory and uploaded after the
+  block succeeded, replacing an earlier export there.
   """
   out_dir = check_output_dir(out_dir, overwrite=overwrite)
+  if is_url(out_dir):
+    with _staged_upload(out_dir) as tmp:
+      yield tmp
+    return
   parent, name = os.path.split(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
@@ -90,3 +112,23 @@ def staged_output(out_dir, *, overwrite: bool = False) -> Iterator[str]:
   os.replace(tmp, out_dir)
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _staged_upload(out_dir: str) -> Iterator[str]:
+  from etils import epath
+  tmp = tempfile.mkdtemp(prefix=".ardiff-export-")
+  try:
+    yield tmp
+    dst = epath.Path(out_dir)
+    if dst.exists():
+      dst.rmtree()
+    for dirpath, _, filenames in os.walk(tmp):
+      rel = os.path.relpath(dirpath, tmp)
+      target = dst if rel == "." else dst / rel
+      target.mkdir(parents=True, exist_ok=True)
+      for name in filenames:
+        epath.Path(os.path.join(dirpath, name)).copy(target / name)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+

@@ -56,7 +56,7 @@ def export_run_to_hf(run_dir, out_dir, *, use_ema: bool = False, overwrite: bool
   """The latest parameters (or EMA) of a run as a ``transformers`` directory; returns ``out_dir``."""
   from ardiff.export import hf as hf_lib
   from ardiff.export import params as params_lib
-  from ardiff.training.main import load_run
+  from ardiff.training.run_dir import load_run
   io_lib.check_output_dir(out_dir, overwrite=overwrite)  # refuse before the (slow) restore
   exp, _, params = load_run(io_lib.clean_path(run_dir), use_ema=use_ema)
   tok_file = params_lib.tokenizer_file_of(exp.data["tokenizer"])

@@ -27,6 +27,7 @@ import numpy as np
 
 from ardiff.config import ModelConfig
 from ardiff.export import io as io_lib
+from ardiff.export import tree_io
 from ardiff.model import abstract_params
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -41,7 +42,8 @@ WEIGHT_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_h
 
 
 def is_params_dir(path) -> bool:
-  return os.path.isfile(os.path.join(io_lib.clean_path(path), MODEL_CONFIG_FILE))
+  from etils import epath  # local paths and URLs alike
+  return (epath.Path(io_lib.clean_path(path)) / MODEL_CONFIG_FILE).exists()
 
 
 def check_compatible(source: ModelConfig, target: ModelConfig, where: str) -> None:
@@ -113,7 +115,7 @@ def export_params(run_dir, out_dir, *, use_ema: bool = False, format: str = "saf
                   overwrite: bool = False) -> str:
   """The latest parameters (or their EMA) of a training run as a params directory (see the module docstring),
   carrying the run's experiment config and tokenizer file. Returns ``out_dir``."""
-  from ardiff.training.main import load_run
+  from ardiff.training.run_dir import load_run  # lazy: the run-dir format reads params directories too
   if format not in FORMATS:
     raise ValueError(f"format={format!r} must be one of {FORMATS}.")
   run_dir = io_lib.clean_path(run_dir)
@@ -142,15 +144,19 @@ def resolve_tokenizer_path(config, base_dir: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------- read
 def read_meta(path) -> dict:
+  from etils import epath
   path = io_lib.clean_path(path)
-  meta_path = os.path.join(path, MODEL_CONFIG_FILE)
-  if not os.path.exists(meta_path):
+  meta_path = epath.Path(path) / MODEL_CONFIG_FILE
+  if not meta_path.exists():
     raise FileNotFoundError(f"{meta_path} not found: {path} is not a params directory (write one with "
                             "`python -m ardiff export --to params`).")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  if meta.get("format") not in FORMATS or "model" not in meta:
-    raise ValueError(f"{meta_path} is not a params-directory manifest (format={meta.get('format')!r}; need one "
+  try:
+    meta = json.loads(meta_path.read_text())
+  except ValueError as e:
+    raise ValueError(f"{meta_path} is not valid JSON ({e}); the params directory is damaged.") from None
+  if not isinstance(meta, dict) or meta.get("format") not in FORMATS or "model" not in meta:
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    raise ValueError(f"{meta_path} is not a params-directory manifest (format={fmt!r}; need one "
                      f"of {FORMATS} and a 'model' section).")
   return meta
 
@@ -196,8 +202,6 @@ def load_params_dir(path, *, mesh=None, rules=None, target: Optional[ModelConfig
 
 def _read_safetensors(file: str, abstract, shardings) -> dict:
   from safetensors import safe_open
-
-  from ardiff.export import hf as hf_lib
   if not os.path.isfile(file):
     raise FileNotFoundError(f"{file} not found: the params directory is incomplete.")
   want = _flatten(abstract)
@@ -218,33 +222,15 @@ def _read_safetensors(file: str, abstract, shardings) -> dict:
       if sh_flat is None:
         out[key] = jax.numpy.asarray(f.get_tensor(key).astype(dtype))
       else:
-        sh = hf_lib._fit_sharding(sh_flat[key], shape)
+        sh = tree_io.fit_sharding(sh_flat[key], shape)
         out[key] = jax.make_array_from_callback(
-            shape, sh, lambda idx, sl=sl, shape=shape, dtype=dtype: np.asarray(sl[hf_lib._norm(idx, shape)]
+            shape, sh, lambda idx, sl=sl, shape=shape, dtype=dtype: np.asarray(sl[tree_io.norm_index(idx, shape)]
                                                                                 ).astype(dtype))
   return _unflatten(out)
 
 
 # ---------------------------------------------------------------------------------------------------- trees
-def _flatten(tree, prefix=()) -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out["/".join(prefix + (k,))] = v
-  return out
-
-
-def _unflatten(flat: Mapping) -> dict:
-  tree: dict = {}
-  for key, v in flat.items():
-    node = tree
-    parts = key.split("/")
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = v
-  return tree
+_flatten, _unflatten = tree_io.flatten, tree_io.unflatten
 
 
 def _jsonable(x):

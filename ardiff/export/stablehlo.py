@@ -291,7 +291,7 @@ def serving_export_from_run(run_dir: str, out_dir: str, *, use_ema: bool = False
   ``block_size`` defaults to ``objective.block_size`` for a ``block_diffusion`` objective and None (AR) otherwise;
   ``max_len`` and ``prompt_len`` are required keyword arguments; the rest of ``kw`` goes to :func:`export_serving`.
   """
-  from ardiff.training.main import load_run
+  from ardiff.training.run_dir import load_run
   exp, _, params = load_run(run_dir, use_ema=use_ema)
   if "block_size" not in kw:
     kw["block_size"] = exp.objective.block_size if exp.objective.kind == "block_diffusion" else None

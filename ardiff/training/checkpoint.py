@@ -12,7 +12,6 @@ Directories are ``etils.epath`` paths: local paths and URLs (``gs://...``) alike
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import signal
@@ -23,7 +22,6 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Test hook for fault injection (tests/test_train_e2e.py): "<when>:<step>" with when in before|during|after kills
 # this process with SIGKILL before the save of <step> starts, right after its asynchronous write started, or after
@@ -134,8 +132,7 @@ def _set_aside(directory: epath.Path, step: int, problem: str) -> None:
   where = f"moved aside to {moved.name}" if moved is not None else "left in place (directory not writable)"
   msg = (f"checkpoint step {step} in {directory} is corrupt or incomplete ({problem}); {where}; "
          "falling back to the previous step.")
-  warnings.warn(msg, RuntimeWarning, stacklevel=3)
-  log.warning(msg)
+  warnings.warn(msg, RuntimeWarning, stacklevel=3)  # once: not also logged, a CLI user would read it twice
 
 
 def _maybe_kill(when: str, step: int) -> None:

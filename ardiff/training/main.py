@@ -1,7 +1,10 @@
 """``python -m ardiff train``: the training loop, over importable pieces (Colab users call :func:`train`).
 
 What a run directory holds: ``checkpoints/`` (orbax: state + data iterator + config), ``tb/`` (TensorBoard),
-``metrics.jsonl`` (one line per logged step), ``samples.txt`` and ``loss.png`` at the end, ``config.json``.
+``metrics.jsonl`` (one line per logged step), ``samples.txt`` and ``loss.png`` at the end, ``config.json``; its
+format is read and written in :mod:`ardiff.training.run_dir`. Faults: SIGTERM saves the current step once and exits
+0; a corrupt latest checkpoint is moved aside and the previous one resumed, with ``metrics.jsonl`` and TensorBoard
+rewound to it; a non-finite update is refused and the last good state saved.
 """
 
 from __future__ import annotations
@@ -259,8 +262,9 @@ def _progress(start, total, enabled):
 EVAL_CURVES = (("eval/nelbo_per_token", "eval NELBO (nats/token)"), ("eval/nll_per_token", "eval NLL (nats/token)"))
 
 
-def plot_loss(metrics_path, out_path) -> None:
-  """``loss.png``: train loss and eval NELBO/NLL, all in nats per token, each its own labelled curve.
+def plot_loss(metrics_path, out_path):
+  """``loss.png``: train loss and eval NELBO/NLL, all in nats per token, each its own labelled curve; returns the
+  ``Figure``.
 
   Draws on a bare ``matplotlib.figure.Figure`` with the Agg canvas: no pyplot, so the caller's backend (a notebook's
   inline plots) is never changed."""
@@ -285,6 +289,7 @@ def plot_loss(metrics_path, out_path) -> None:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100)
   run_dir_lib.as_path(out_path).write_bytes(buf.getvalue())
+  return fig
 
 
 _plot_loss = plot_loss  # the old private name
