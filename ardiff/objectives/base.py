@@ -40,6 +40,14 @@ class ObjectiveConfig:
   complementary_masks: bool = False  # Fast-dLLM v2: two views, masks M and not-M
   ignore_bos: bool = True  # the first token of each document is never masked
   tidar_alpha: float = 1.0  # TiDAR: loss = (alpha * AR + diffusion) / (1 + alpha)
+  # BD3-LM's data-driven clipped schedule (docs/algorithms.md §2.3): every clip_search_every optimizer steps
+  # (0: train.eval_every) training switches to the [lo, lo + w] (w in clip_search_widths, lo on a clip_search_delta
+  # grid) whose per-block NELBO has the smallest variance over clip_search_batches validation batches.
+  clip_search: bool = False
+  clip_search_widths: tuple = (0.5, 0.6, 0.7, 0.8, 0.9)
+  clip_search_delta: float = 0.05
+  clip_search_every: int = 0
+  clip_search_batches: int = 8
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -55,6 +63,36 @@ class ObjectiveConfig:
                        "0 < clip_low <= clip_high <= 1 (t = 0 would give an infinite 1/t weight).")
     if self.tidar_alpha < 0:
       raise ValueError(f"objective.tidar_alpha={self.tidar_alpha} must be >= 0.")
+    self._check_clip_search()
+
+  def _check_clip_search(self) -> None:
+    widths = self.clip_search_widths
+    if isinstance(widths, (int, float)):  # a single width from the command line
+      widths = (widths,)
+    try:
+      widths = tuple(float(w) for w in widths)
+    except (TypeError, ValueError):
+      raise ValueError(f"objective.clip_search_widths={self.clip_search_widths!r} must be a tuple of numbers in "
+                       "(0, 1], e.g. (0.5, 0.7, 0.9).") from None
+    object.__setattr__(self, "clip_search_widths", widths)  # lists (config.json, CLI) become a hashable tuple
+    if not isinstance(self.clip_search, bool):
+      raise ValueError(f"objective.clip_search={self.clip_search!r} must be True or False.")
+    if not self.clip_search:
+      return
+    if self.kind != "block_diffusion":
+      raise ValueError(f"objective.clip_search=True needs objective.kind='block_diffusion' (got {self.kind!r}): "
+                       "only block diffusion draws t from a clipped interval. Set objective.clip_search=False.")
+    if self.weighting != "nelbo":
+      raise ValueError(f"objective.clip_search=True minimises the variance of the NELBO (1/t) estimator, so it "
+                       f"needs objective.weighting='nelbo' (got {self.weighting!r}).")
+    if not widths or any(not 0.0 < w <= 1.0 for w in widths):
+      raise ValueError(f"objective.clip_search_widths={widths} must be a non-empty tuple of widths in (0, 1].")
+    if not 0.0 < self.clip_search_delta <= 1.0:
+      raise ValueError(f"objective.clip_search_delta={self.clip_search_delta} must lie in (0, 1].")
+    for name, low in (("clip_search_every", 0), ("clip_search_batches", 1)):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"objective.{name}={value!r} must be an integer >= {low}.")
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ObjectiveConfig":

@@ -10,6 +10,7 @@ Noise is drawn separately from the loss (:func:`sample_noise_t`, :func:`sample_n
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -103,11 +104,14 @@ def nll_terms(params, b: base.Batch, noise: Noise, *, model: Transformer, cfg: b
   return jnp.sum(weighted), jnp.sum(ce), jnp.sum(noise.masked), weighted
 
 
-def block_diffusion_loss(params, batch, rng, *, model: Transformer, cfg: base.ObjectiveConfig):
+def block_diffusion_loss(params, batch, rng, *, model: Transformer, cfg: base.ObjectiveConfig, clip=None):
+  """``clip``: optional ``float32[2]`` ``[low, high]`` replacing ``[cfg.clip_low, cfg.clip_high]``. A traced
+  array, so the trainer can move the interval (``objective.clip_search``) without recompiling the step."""
   b = base.prepare_batch(batch)
   cfg.check_seq_len(b.tokens.shape[1])
   maskable = maskable_tokens(b, cfg)
-  noise, p = sample_noise_t(rng, maskable, cfg)
+  low, high = (None, None) if clip is None else (clip[0], clip[1])
+  noise, p = sample_noise_t(rng, maskable, cfg, low=low, high=high)
   n_maskable = jnp.sum(maskable)
   if cfg.complementary_masks:
     # Fast-dLLM v2: a second view masks exactly the complement, so every maskable token is supervised once.
@@ -135,13 +139,21 @@ def block_diffusion_eval(params, batch, rng, *, model: Transformer, cfg: base.Ob
   return {"nelbo_sum": w_sum, "num_targets": jnp.sum(maskable)}
 
 
-def per_block_nelbo(params, batch, rng, *, model: Transformer, cfg: base.ObjectiveConfig, low: float,
-                    high: float) -> jax.Array:
-  """``[b, num_blocks]`` NELBO estimates with t ~ U[low, high] (1/t weights): the statistic BD3-LM's clipped
-  schedule search minimises the variance of (:func:`schedules.select_min_variance`)."""
+def per_block_nelbo(params, batch, rng, *, model: Transformer, cfg: base.ObjectiveConfig, low, high):
+  """The statistic BD3-LM's clipped-schedule search minimises the variance of (docs/algorithms.md §2.3).
+
+  With ``t ~ U[low, high]`` per block (antithetic, as in training; ``low``/``high`` may be traced scalars) and
+  1/t weights whatever ``cfg.weighting`` is, returns ``(nelbo float32[b, num_blocks], has_targets bool[b,
+  num_blocks])``: each block's weighted masked CE averaged over its ``B`` positions (bd3lms'
+  ``nll.reshape(b, -1, B).mean(-1)``), and whether the block has any maskable token (all-padding blocks carry
+  no information about the schedule and are left out of the variance).
+  """
   b = base.prepare_batch(batch)
-  nelbo_cfg = cfg.__class__(**{**cfg.__dict__, "weighting": "nelbo"})
-  noise, _ = sample_noise_t(rng, maskable_tokens(b, cfg), nelbo_cfg, low=low, high=high)
+  cfg.check_seq_len(b.tokens.shape[1])
+  nelbo_cfg = dataclasses.replace(cfg, weighting="nelbo")
+  maskable = maskable_tokens(b, cfg)
+  noise, _ = sample_noise_t(rng, maskable, nelbo_cfg, low=low, high=high)
   _, _, _, weighted = nll_terms(params, b, noise, model=model, cfg=nelbo_cfg)
   bsz, length = weighted.shape
-  return jnp.sum(weighted.reshape(bsz, length // cfg.block_size, cfg.block_size), axis=-1)
+  blocks = (bsz, length // cfg.block_size, cfg.block_size)
+  return jnp.mean(weighted.reshape(blocks), axis=-1), jnp.any(maskable.reshape(blocks), axis=-1)

@@ -17,11 +17,16 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   ema_params: Optional[Any]
   rng: jax.Array
+  # float32[2] [low, high] noise interval that objective.clip_search moves during training (passed to the loss as
+  # ``clip=``); None without the search, so such a state (and its checkpoints) is exactly what it was before.
+  clip: Optional[jax.Array] = None
 
   @classmethod
-  def create(cls, params, tx: optax.GradientTransformation, rng, use_ema: bool = False) -> "TrainState":
+  def create(cls, params, tx: optax.GradientTransformation, rng, use_ema: bool = False,
+             clip: Optional[jax.Array] = None) -> "TrainState":
     ema = jax.tree.map(jnp.copy, params) if use_ema else None
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema, rng=rng)
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema, rng=rng,
+               clip=clip)
 
 
 def state_shardings(abstract_state: TrainState, param_shardings, mesh) -> TrainState:
@@ -38,7 +43,8 @@ def state_shardings(abstract_state: TrainState, param_shardings, mesh) -> TrainS
 
   opt_sh = jax.tree.map(opt_map, abstract_state.opt_state, is_leaf=is_param_tree)
   return TrainState(step=replicated, params=param_shardings, opt_state=opt_sh,
-                    ema_params=None if abstract_state.ema_params is None else param_shardings, rng=replicated)
+                    ema_params=None if abstract_state.ema_params is None else param_shardings, rng=replicated,
+                    clip=None if abstract_state.clip is None else replicated)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -50,14 +56,16 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_dec
                     lr_schedule: Optional[Callable] = None, grad_accum_steps: int = 1):
   """``(state, batch) -> (state, metrics)``; pure, jit-able.
 
-  ``loss_fn(params, batch, rng) -> (loss, metrics)``. If the loss, gradients, grad norm or updated parameters are
+  ``loss_fn(params, batch, rng) -> (loss, metrics)``; a state with a ``clip`` interval calls
+  ``loss_fn(params, batch, rng, clip=state.clip)``. If the loss, gradients, grad norm or updated parameters are
   not finite the OLD state is returned unchanged and ``metrics['nonfinite'] == 1``; the caller should stop and save.
   With ``optax.MultiSteps`` (grad_accum_steps > 1) each call is one micro-step; EMA moves only on real updates.
   """
 
   def step_fn(state: TrainState, batch):
     rng, step_rng = jax.random.split(state.rng)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_rng)
+    kwargs = {} if state.clip is None else {"clip": state.clip}
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_rng, **kwargs)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
