@@ -46,7 +46,9 @@ def usage(prog: str, description: str, default_config: str, flags: tuple) -> str
   lines = [f"usage: {prog} [--config FILE[:ARG]] [--config.SECTION.KEY=VALUE ...]"
            + "".join(f" [--{f.name}=...]" for f in flags), "", description.strip(), "", "flags:",
            f"  --config FILE[:ARG]   experiment config file (configs/*.py; default {default_config}); ARG is "
-           "passed to its get_config()",
+           "passed to its get_config();",
+           "                        FILE is looked up in the current directory, then among the configs installed "
+           "with ardiff",
            "  --config.SECTION.KEY=VALUE",
            "                        override one config value, e.g. --config.train.num_steps=2000 "
            "--config.model.num_layers=6;",
@@ -96,15 +98,46 @@ def _split(argv, flags: tuple):
   return config_path, overrides, values, False
 
 
+# The experiment files shipped with ardiff: the ``configs`` package next to the ``ardiff`` package (the repository's
+# configs/, or site-packages/configs in an install).
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def available_configs() -> list:
+  """``configs/NAME.py`` of every shipped experiment file."""
+  if not os.path.isdir(CONFIGS_DIR):
+    return []
+  return sorted(f"configs/{n}" for n in os.listdir(CONFIGS_DIR) if n.endswith(".py") and n != "__init__.py")
+
+
+def resolve_config_path(path: str) -> Optional[str]:
+  """The file ``path`` names: relative to the cwd (or absolute) first, then in the shipped ``configs`` package
+  (``configs/x.py`` or ``x.py``), so ``--config configs/x.py`` works from any directory. None if neither exists."""
+  path = os.path.expanduser(path)
+  if os.path.isfile(path):
+    return path
+  if os.path.isabs(path):
+    return None
+  rel = os.path.normpath(path)
+  rel = rel[len("configs" + os.sep):] if rel.startswith("configs" + os.sep) else rel
+  shipped = os.path.join(CONFIGS_DIR, rel)
+  return shipped if os.path.isfile(shipped) else None
+
+
 def _split_config_arg(spec: str):
-  """``FILE[:ARG]`` -> ``(FILE, ARG or None)``; the file part is the longest prefix that is an existing file."""
-  if os.path.isfile(os.path.expanduser(spec)):
-    return os.path.expanduser(spec), None
+  """``FILE[:ARG]`` -> ``(path, ARG or None)``; FILE is the longest prefix that resolves to an existing file."""
+  path = resolve_config_path(spec)
+  if path is not None:
+    return path, None
   for i in range(len(spec) - 1, 0, -1):
-    if spec[i] == ":" and os.path.isfile(os.path.expanduser(spec[:i])):
-      return os.path.expanduser(spec[:i]), spec[i + 1:]
-  raise UsageError(f"--config={spec}: no such config file; pass an existing file such as configs/default.py "
-                   "(optionally FILE:ARG, ARG going to its get_config).")
+    if spec[i] == ":":
+      path = resolve_config_path(spec[:i])
+      if path is not None:
+        return path, spec[i + 1:]
+  shipped = available_configs()
+  raise UsageError(f"--config={spec}: no such config file (looked in {os.getcwd()} and in {CONFIGS_DIR}); pass an "
+                   "existing file, optionally FILE:ARG with ARG going to its get_config"
+                   + (f". Shipped configs: {', '.join(shipped)}." if shipped else "."))
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

@@ -1,9 +1,12 @@
-"""Model configuration: a frozen, hashable dataclass validated on construction.
+"""The typed sections of an experiment: frozen dataclasses validated on construction, holding the ONE set of defaults.
 
-Field names follow the Llama family so Hugging Face configs map one to one (``embed_dim`` = ``hidden_size``,
-``mlp_dim`` = ``intermediate_size``, ...). Experiments keep their settings in ml_collections configs
-(``configs/``); :meth:`ModelConfig.from_dict` turns the ``model`` section into this value and rejects unknown
-keys with the list of known ones.
+``ModelConfig`` (here), ``ObjectiveConfig`` (:mod:`ardiff.objectives.base`), ``DataConfig``, ``MeshConfig``,
+``OptimizerConfig`` and ``TrainConfig`` (:mod:`ardiff.sections`). Experiments keep their settings in
+ml_collections configs (``configs/``) whose defaults come from these classes (:func:`ardiff.experiment.base_config`);
+``from_dict`` turns a section into its value and rejects unknown keys with the list of known ones.
+
+Model field names follow the Llama family so Hugging Face configs map one to one (``embed_dim`` = ``hidden_size``,
+``mlp_dim`` = ``intermediate_size``, ...).
 """
 
 from __future__ import annotations

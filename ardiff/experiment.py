@@ -1,91 +1,105 @@
 """Experiment configs: the ml-collections layout shared by every file in ``configs/``, and its validation.
 
-``validate(config)`` runs at load time and stops with a message naming the value and the fix: unknown keys in any
-section, a block size that does not divide the sequence length, a batch that the data-parallel mesh axes do not
-divide, a [MASK] id outside the vocabulary, and so on.
+A config has the sections ``model``, ``objective``, ``data``, ``mesh``, ``optimizer`` and ``train`` (plus ``name``
+and the sharding ``rules``); each is a frozen dataclass (:mod:`ardiff.config`, :mod:`ardiff.sections`,
+:class:`ardiff.objectives.ObjectiveConfig`) whose defaults :func:`base_config` copies, so a default lives in one
+place. ``validate(config)`` turns a config into an :class:`Experiment` of those typed sections and stops with a
+message naming the value and the fix: unknown keys in any section (with a did-you-mean), a value of the wrong type,
+an unknown enum value, a block size that does not divide the sequence length, a batch that the data-parallel mesh
+axes do not divide, a [MASK] id outside the vocabulary, and so on.
+
+Config files import only this module (and what it imports: no orbax, optax, grain or TFDS), so loading one is
+cheap.
+:func:`parse_config_args` reads the ``KEY=VALUE,...`` argument of ``--config FILE:ARG``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
+import difflib
+from typing import Any, Mapping
 
 import ml_collections
 
 from ardiff import sharding
 from ardiff.config import ModelConfig, unknown_keys_error
-from ardiff.objectives import ObjectiveConfig
-from ardiff.training.optimizer import OptimizerConfig
+from ardiff.objectives.base import ObjectiveConfig
+from ardiff.sections import DataConfig, MeshConfig, OptimizerConfig, TrainConfig, check_dict
 
-SECTIONS = {
-    "model": None,  # ModelConfig fields
-    "objective": None,  # ObjectiveConfig fields
-    "data": ("name", "data_dir", "text_key", "tokenizer", "seq_len", "num_threads", "train_split", "eval_split"),
-    "mesh": ("data", "fsdp", "tensor"),
-    "optimizer": None,  # OptimizerConfig fields (total_steps comes from train.num_steps)
-    "train": ("run_dir", "batch_size", "num_steps", "seed", "log_every", "eval_every", "eval_batches",
-              "save_every", "keep_checkpoints", "num_samples", "sample_tokens", "resume", "init_from"),
-}
-TOP_LEVEL = set(SECTIONS) | {"rules", "name"}
+# The section classes, in config order. optimizer.total_steps is derived from train.num_steps, never configured.
+SECTION_TYPES = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig, "mesh": MeshConfig,
+                 "optimizer": OptimizerConfig, "train": TrainConfig}
+DERIVED = {"optimizer": ("total_steps",)}
+TOP_LEVEL = set(SECTION_TYPES) | {"rules", "name"}
+BYTE_MASK_ID = 258  # the byte tokenizer's [MASK] (256 bytes, then BOS, EOS, MASK)
+
+
+
+def section_keys(name: str) -> tuple:
+  """The keys a config's ``name`` section may hold."""
+  return tuple(f.name for f in dataclasses.fields(SECTION_TYPES[name]) if f.name not in DERIVED.get(name, ()))
+
+
+def _defaults(name: str) -> ml_collections.ConfigDict:
+  d = dataclasses.asdict(SECTION_TYPES[name]())
+  return ml_collections.ConfigDict({k: d[k] for k in section_keys(name)})
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults for every field; experiment files override what they change."""
+  """Defaults for every field, taken from the section dataclasses; experiment files override what they change."""
   c = ml_collections.ConfigDict()
   c.name = "bd3_shakespeare_b4"
-  c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
-  c.model.mask_token_id = 258  # the byte tokenizer's [MASK] (256 bytes, then BOS, EOS, MASK)
-  c.objective = ml_collections.ConfigDict(dataclasses.asdict(ObjectiveConfig()))
-  c.data = ml_collections.ConfigDict(dict(name="shakespeare", data_dir="~/.cache/ardiff/tfds", text_key="text",
-                                          tokenizer="byte", seq_len=128, num_threads=2,
-                                          train_split="train", eval_split="validation"))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  for name in SECTION_TYPES:
+    c[name] = _defaults(name)
+  c.model.mask_token_id = BYTE_MASK_ID  # a diffusion model needs one; the default tokenizer is "byte"
   # Logical axis -> mesh axes: the one table that decides sharding (see ardiff/sharding.py).
   c.rules = sharding.DEFAULT_RULES
-  c.optimizer = ml_collections.ConfigDict(dict(learning_rate=3e-3, schedule="cosine", warmup_steps=50, b1=0.9,
-                                               b2=0.99, eps=1e-8, weight_decay=0.01, clip_norm=1.0, end_lr_ratio=0.1,
-                                               grad_accum_steps=1, ema_decay=0.0))
-  c.train = ml_collections.ConfigDict(dict(run_dir="runs/default", batch_size=16, num_steps=300, seed=0,
-                                           log_every=10, eval_every=100, eval_batches=8, save_every=100,
-                                           keep_checkpoints=2, num_samples=4, sample_tokens=128, resume=True,
-                                           init_from=""))
   return c
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-  """The validated, typed view of a config."""
+  """The validated, typed view of a config; ``optimizer.total_steps`` is ``train.num_steps``."""
 
   name: str
   model: ModelConfig
   objective: ObjectiveConfig
-  data: dict
-  mesh: dict
+  data: DataConfig
+  mesh: MeshConfig
   rules: tuple
-  optimizer: dict
-  train: dict
-  raw: Any  # the ConfigDict, kept to be saved next to checkpoints
+  optimizer: OptimizerConfig
+  train: TrainConfig
+  raw: Any  # the ConfigDict, kept to be saved next to checkpoints (config.json)
 
 
-def _section(config, name) -> dict:
-  d = config[name].to_dict() if isinstance(config[name], ml_collections.ConfigDict) else dict(config[name])
-  known = SECTIONS[name]
-  if known is not None:
-    unknown = set(d) - set(known)
-    if unknown:
-      raise unknown_keys_error(f"config.{name}", unknown, known)
-  return d
+def _section_dict(config, name) -> dict:
+  section = config[name]
+  if isinstance(section, ml_collections.ConfigDict):
+    return section.to_dict()
+  if isinstance(section, Mapping):
+    return dict(section)
+  raise ValueError(f"config.{name} must be a section (a ConfigDict of keys), got {section!r}.")
 
 
-def _check_finite(config) -> None:
-  """NaN/inf hyperparameters (e.g. ``--config.optimizer.learning_rate=nan``) would train to NaN params silently."""
-  for section in SECTIONS:
-    values = config[section].to_dict() if isinstance(config[section], ml_collections.ConfigDict) else {}
-    for key, value in values.items():
-      if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{section}.{key}={value} is not a finite number; give a finite value "
-                         f"(e.g. --config.{section}.{key}=<number>).")
+def _typed(config, name):
+  d = _section_dict(config, name)
+  unknown = set(d) - set(section_keys(name))
+  if unknown:  # derived keys too: total_steps would silently disagree with train.num_steps
+    if name == "optimizer" and "total_steps" in unknown:
+      raise ValueError("config.optimizer.total_steps is derived from train.num_steps; remove it.")
+    raise unknown_keys_error(f"config.{name}", unknown, section_keys(name))
+  # types and finite floats (NaN/inf hyperparameters would train to NaN params silently) before the section's own
+  # checks, which may compare numbers
+  check_dict(name, SECTION_TYPES[name], d)
+  return SECTION_TYPES[name].from_dict(d)
+
+
+# One mesh constructor: make_mesh(exp) (or make_mesh(exp.mesh), or the three sizes) builds the experiment's mesh.
+make_mesh = sharding.make_mesh
+
+
+def _rules(config) -> tuple:
+  return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.rules)
 
 
 def validate(config: ml_collections.ConfigDict, *, devices=None) -> Experiment:
@@ -93,38 +107,60 @@ def validate(config: ml_collections.ConfigDict, *, devices=None) -> Experiment:
   unknown = set(config.keys()) - TOP_LEVEL
   if unknown:
     raise unknown_keys_error("the config", unknown, TOP_LEVEL)
-  _check_finite(config)
-  model = ModelConfig.from_dict(_section(config, "model"))
-  objective = ObjectiveConfig.from_dict(_section(config, "objective"))
-  data, mesh, opt, train = (_section(config, s) for s in ("data", "mesh", "optimizer", "train"))
-
-  for key in ("batch_size", "num_steps", "log_every", "eval_every", "save_every", "keep_checkpoints"):
-    if int(train[key]) < 1:  # before the optimizer check, which would name the derived total_steps instead
-      raise ValueError(f"train.{key}={train[key]} must be >= 1.")
-  seq_len = data["seq_len"]
-  objective.check_seq_len(seq_len)
+  # train first: a bad num_steps is named itself, not as the optimizer's derived total_steps
+  train = _typed(config, "train")
+  model, objective, data, mesh, opt = (_typed(config, s) for s in ("model", "objective", "data", "mesh", "optimizer"))
+  opt.check_total_steps(train.num_steps, "train.num_steps")
+  opt = opt.replace(total_steps=train.num_steps)
+  objective.check_seq_len(data.seq_len)
   if objective.kind != "ar" and model.mask_token_id is None:
     raise ValueError(f"objective.kind={objective.kind!r} needs model.mask_token_id (the tokenizer's [MASK] id).")
-  if "total_steps" in opt:
-    raise ValueError("config.optimizer.total_steps is derived from train.num_steps; remove it.")
-  OptimizerConfig.from_dict({**opt, "total_steps": int(train["num_steps"])})  # raises with the reason
-  if int(opt["grad_accum_steps"]) < 1 or train["batch_size"] % int(opt["grad_accum_steps"]):
-    raise ValueError(f"optimizer.grad_accum_steps={opt['grad_accum_steps']} must be >= 1 and divide "
-                     f"train.batch_size={train['batch_size']}.")
-  for axis in ("data", "fsdp", "tensor"):
-    if mesh[axis] != -1 and int(mesh[axis]) < 1:
-      raise ValueError(f"mesh.{axis}={mesh[axis]} must be a positive size or -1 (fill with the remaining devices).")
+  if train.batch_size % opt.grad_accum_steps:
+    raise ValueError(f"optimizer.grad_accum_steps={opt.grad_accum_steps} must divide "
+                     f"train.batch_size={train.batch_size}.")
+  exp = Experiment(name=str(config.get("name", "experiment")), model=model, objective=objective, data=data,
+                   mesh=mesh, rules=_rules(config), optimizer=opt, train=train, raw=config)
   if devices is not None:
-    sizes = dict(sharding.make_mesh(**{a: int(mesh[a]) for a in sharding.MESH_AXES}, devices=devices).shape)
-    dp = sizes["data"] * sizes["fsdp"]
-    micro = train["batch_size"] // int(opt["grad_accum_steps"])
-    if micro % dp:
-      raise ValueError(f"train.batch_size={train['batch_size']} (micro-batch {micro}) is not divisible by the "
-                       f"data-parallel size data*fsdp={dp} of mesh {sizes}; use a multiple of {dp}.")
-    tensor = sizes["tensor"]
-    for name in ("num_heads", "num_kv_heads", "mlp_dim"):
-      if getattr(model, name) % tensor:
-        raise ValueError(f"model.{name}={getattr(model, name)} is not divisible by mesh.tensor={tensor}.")
-  return Experiment(name=str(config.get("name", "experiment")), model=model, objective=objective, data=data,
-                    mesh=mesh, rules=tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v)
-                                           for k, v in config.rules), optimizer=opt, train=train, raw=config)
+    _check_on_devices(exp, devices)
+  return exp
+
+
+def _check_on_devices(exp: Experiment, devices) -> None:
+  sizes = dict(sharding.make_mesh(exp, devices=devices).shape)
+  dp = sizes["data"] * sizes["fsdp"]
+  micro = exp.train.batch_size // exp.optimizer.grad_accum_steps
+  if micro % dp:
+    raise ValueError(f"train.batch_size={exp.train.batch_size} (micro-batch {micro}) is not divisible by the "
+                     f"data-parallel size data*fsdp={dp} of mesh {sizes}; use a multiple of {dp}.")
+  for name in ("num_heads", "num_kv_heads", "mlp_dim"):
+    if getattr(exp.model, name) % sizes["tensor"]:
+      raise ValueError(f"model.{name}={getattr(exp.model, name)} is not divisible by mesh.tensor={sizes['tensor']}.")
+
+
+def parse_config_args(arg: str | None, defaults: Mapping[str, Any], config_file: str) -> dict:
+  """``"k=v,k2=v2"`` (the ``ARG`` of ``--config FILE:ARG``) -> ``defaults`` updated, each value of its default's
+  type (a default of None takes the text). Unknown keys get a did-you-mean error naming ``config_file``."""
+  out = dict(defaults)
+  usage = f"{config_file}:" + ",".join(f"{k}=..." for k in defaults)
+  for item in (arg or "").split(","):
+    if not item.strip():
+      continue
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq:
+      raise ValueError(f"--config {config_file}:{arg}: {item!r} is not KEY=VALUE; use {usage}.")
+    if key not in defaults:
+      close = difflib.get_close_matches(key, list(defaults), n=1)
+      raise ValueError(f"--config {config_file}:{arg}: unknown argument {key!r}"
+                       + (f" (did you mean {close[0]!r}?)" if close else "")
+                       + f"; known arguments: {', '.join(defaults)} ({usage}).")
+    default = defaults[key]
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+      out[key] = text
+      continue
+    try:
+      out[key] = type(default)(text)
+    except ValueError:
+      kind = "an integer" if isinstance(default, int) else "a number"
+      raise ValueError(f"--config {config_file}:{arg}: {key}={text!r} is not {kind} (default {default!r}).") from None
+  return out

@@ -34,8 +34,15 @@ DEFAULT_RULES = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence[Any]] = None):
-  """A ``(data, fsdp, tensor)`` mesh; at most one axis may be -1 and is filled from the device count."""
+def make_mesh(data: Any = -1, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence[Any]] = None):
+  """A ``(data, fsdp, tensor)`` mesh; at most one axis may be -1 and is filled from the device count.
+
+  ``make_mesh(exp)`` (an :class:`ardiff.experiment.Experiment`) or ``make_mesh(exp.mesh)`` (a
+  :class:`ardiff.sections.MeshConfig`) takes the three sizes from the experiment's ``mesh`` section.
+  """
+  if not isinstance(data, int):
+    section = getattr(data, "mesh", data)
+    data, fsdp, tensor = (getattr(section, a) for a in MESH_AXES)
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}

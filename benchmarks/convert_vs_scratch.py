@@ -9,7 +9,7 @@ The pipeline is the one docs/export.md describes, run in-process:
 1. train an AR model with configs/ar_shakespeare.py for ``--ar_steps`` (its own NLL is reported);
 2. export it to a Hugging Face directory (``ardiff export --to hf``) and convert that directory to a block-diffusion
    run (``ardiff convert --from-hf``, recipe ``--recipe``); its NELBO before any fine-tuning is reported too;
-3. fine-tune the converted run for ``--ft_steps`` with configs/convert_finetune.py (peak lr 1e-3);
+3. fine-tune the converted run for ``--ft_steps`` with configs/finetune.py:from=DIR (peak lr 1e-3);
 4. train the same block-diffusion model and objective from scratch for the same ``--ft_steps`` (peak lr 3e-3, the
    from-scratch default of configs/default.py); with ``--equal_compute`` also for ``ar_steps + ft_steps``.
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
   import jax
 
   import configs.ar_shakespeare
-  import configs.convert_finetune
+  import configs.finetune
   from ardiff import experiment
   from ardiff.export import convert, main as export_main
   from ardiff.training import main as train_main
@@ -89,14 +89,14 @@ def main(argv=None) -> int:
                                         recipe=args.recipe, seq_len=int(ar_cfg.data.seq_len))
   zero_shot = ev(f"{out}/bd")
 
-  ft_cfg = _common(configs.convert_finetune.get_config(f"{out}/bd"), run_dir=f"{out}/ft", steps=args.ft_steps,
+  ft_cfg = _common(configs.finetune.get_config(f"from={out}/bd"), run_dir=f"{out}/ft", steps=args.ft_steps,
                    args=args)
   timed("fine-tune converted", lambda: train_main.train(ft_cfg, progress=False))
   rows = [("AR model (NLL)", args.ar_steps, ar, "nll"), ("converted, no fine-tuning", 0, zero_shot, "nelbo"),
           ("converted + fine-tuned", args.ft_steps, ev(f"{out}/ft"), "nelbo")]
   scratch_steps = [args.ft_steps] + ([args.ar_steps + args.ft_steps] if args.equal_compute else [])
   for steps in scratch_steps:
-    c = _common(configs.convert_finetune.get_config(f"{out}/bd"), run_dir=f"{out}/scratch_{steps}", steps=steps,
+    c = _common(configs.finetune.get_config(f"from={out}/bd"), run_dir=f"{out}/scratch_{steps}", steps=steps,
                 args=args)
     c.train.init_from = ""
     c.optimizer.learning_rate = experiment.base_config().optimizer.learning_rate

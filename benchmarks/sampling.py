@@ -9,10 +9,10 @@ thresholds, fused vs separate clean-block K/V writes), TiDAR draft+verify and sp
 
 One trained checkpoint per family, each by the training system on the embedded Shakespeare corpus with the configs in
 ``configs/`` (same 0.9M-parameter backbone): ``ar_shakespeare`` (AR baseline, judge of gen-PPL and target of
-speculative decoding), then, initialised from it, ``fastdllm_v2_finetune`` at B = 4/8/16 (block diffusion) and
-``tidar_shakespeare`` (block 4), and a 1-layer AR drafter trained from scratch. Each row of a batch advances through
-its blocks on its own (per-row cache lengths), so a batch costs as many forwards as its slowest row needs in all;
-``--batch 1`` measures one sequence alone.
+speculative decoding), then, initialised from it, ``configs/finetune.py`` (Fast-dLLM v2 recipe) at B = 4/8/16
+(block diffusion) and ``tidar_shakespeare`` (block 4), and a 1-layer AR drafter trained from scratch. Each row of
+a batch advances through its blocks on its own (per-row cache lengths), so a batch costs as many forwards as its
+slowest row needs in all; ``--batch 1`` measures one sequence alone.
 
 Every row: tokens/s (generated tokens of all rows / median wall time of ``--iters`` calls after a compile call),
 ``x AR`` (ratio to the AR row, same run), tokens per forward (generated tokens per row / forwards; speculative
@@ -57,15 +57,14 @@ def _configs(args):
   block-diffusion model, docs/algorithms.md §6): the same knowledge, so the quality columns compare decoding, not
   training.
   """
-  from configs import ar_shakespeare, fastdllm_v2_finetune, tidar_shakespeare
+  from configs import ar_shakespeare, finetune, tidar_shakespeare
   ar_dir = os.path.join(args.runs_root, "ar")
   out = {"ar": ar_shakespeare.get_config()}
   draft = ar_shakespeare.get_config()
   draft.model.update(num_layers=1, embed_dim=64, num_heads=2, num_kv_heads=2, head_dim=32, mlp_dim=192)
   out["draft"] = draft
   for bs in sorted({int(x) for x in args.block_sizes.split(",")}):
-    c = fastdllm_v2_finetune.get_config()  # token shift, complementary masks, plain CE
-    c.objective.block_size = bs
+    c = finetune.get_config(f"recipe=fastdllm_v2,block_size={bs}")  # token shift, complementary masks, plain CE
     out[f"bd{bs}"] = c
   tidar = tidar_shakespeare.get_config()
   tidar.objective.block_size = args.tidar_block

@@ -1,7 +1,7 @@
 """AR -> Hugging Face -> block diffusion, end to end at tiny scale, through the CLI entry points.
 
 An AR model trained by ardiff is exported to HF, converted to a block-diffusion run and fine-tuned with
-configs/convert_finetune.py; its block-diffusion NELBO must beat the same model and recipe trained from scratch for
+configs/finetune.py:from=DIR; its block-diffusion NELBO must beat the same model and recipe trained from scratch for
 the same number of steps. benchmarks/convert_vs_scratch.py runs the same comparison at a larger scale.
 """
 
@@ -39,7 +39,7 @@ def _nelbo(run_dir):
 
 def test_ar_to_block_diffusion_beats_scratch(tmp_path, data_dir):
   import configs.ar_shakespeare
-  import configs.convert_finetune
+  import configs.finetune
 
   ar_dir = tmp_path / "ar"
   train_main.train(_tiny(configs.ar_shakespeare.get_config(), ar_dir, data_dir, AR_STEPS), progress=False)
@@ -55,11 +55,11 @@ def test_ar_to_block_diffusion_beats_scratch(tmp_path, data_dir):
   assert converted["objective"]["kind"] == "block_diffusion" and converted["objective"]["block_size"] == BLOCK
   assert converted["model"]["mask_token_id"] == 258 and converted["objective"]["token_shift"]
 
-  ft = configs.convert_finetune.get_config(str(bd_dir))
+  ft = configs.finetune.get_config(f"from={bd_dir}")
   assert ft.train.init_from == str(bd_dir)
   ft = _tiny(ft, tmp_path / "ft", data_dir, FT_STEPS)
   train_main.train(ft, progress=False)
-  scratch = _tiny(configs.convert_finetune.get_config(str(bd_dir)), tmp_path / "scratch", data_dir, FT_STEPS)
+  scratch = _tiny(configs.finetune.get_config(f"from={bd_dir}"), tmp_path / "scratch", data_dir, FT_STEPS)
   scratch.train.init_from = ""
   train_main.train(scratch, progress=False)
 
@@ -80,7 +80,7 @@ def test_convert_from_run_keeps_data_and_adds_mask(tmp_path, data_dir):
   assert cli.main(["ardiff", "convert", "--from-run", str(tmp_path / "ar"), "--block-size", "8", "--recipe", "sdar",
                    "--out", str(out)]) == 0
   exp, _, params = train_main.load_run(str(out))
-  assert exp.data["tokenizer"] == "byte:bos,eos,mask" and exp.data["data_dir"] == data_dir
+  assert exp.data.tokenizer == "byte:bos,eos,mask" and exp.data.data_dir == data_dir
   assert exp.model.vocab_size == 259 and exp.model.mask_token_id == 258
   assert (exp.objective.block_size, exp.objective.weighting, exp.objective.token_shift) == (8, "p_mask", False)
   _, _, src = train_main.load_run(str(tmp_path / "ar"))

@@ -180,13 +180,13 @@ def test_hf_tokenizer_travels_through_export_and_convert(tmp_path, data_dir):
   pdir = str(tmp_path / "params")  # the params dir refers to its own copy, relative to the directory
   params_lib.export_params(run_dir, pdir)
   assert json.load(open(os.path.join(pdir, "config.json")))["data"]["tokenizer"] == "hf:words.json"
-  assert train_main.load_run(pdir)[0].data["tokenizer"] == "hf:" + os.path.join(pdir, "words.json")
+  assert train_main.load_run(pdir)[0].data.tokenizer == "hf:" + os.path.join(pdir, "words.json")
 
   bd = str(tmp_path / "bd")
   convert.convert_hf_to_block_diffusion(hf, bd, block_size=4, recipe="bd3")
   exp, _, params = train_main.load_run(bd)
   assert exp.model.mask_token_id == 43 and exp.model.vocab_size == 48
-  assert exp.data["tokenizer"] == "hf:" + os.path.join(bd, "tokenizer.json")
+  assert exp.data.tokenizer == "hf:" + os.path.join(bd, "tokenizer.json")
   assert json.load(open(os.path.join(bd, "conversion.json")))["mean_initialised_rows"] == [43]
   _, src = hf_lib.import_hf(hf)
   emb, old = np.asarray(params["embed_tokens"]["embedding"]), np.asarray(src["embed_tokens"]["embedding"])

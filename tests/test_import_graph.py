@@ -118,8 +118,6 @@ KNOWN_CYCLES = {
     frozenset({"ardiff.training", "ardiff.export"}),
     # training.main imports sampling.generate; sampling.main imports training.main
     frozenset({"ardiff.training", "ardiff.sampling"}),
-    # experiment imports training.optimizer; training.{main,aot,run_dir} import experiment
-    frozenset({"ardiff.training", "ardiff.experiment"}),
 }
 
 

@@ -66,7 +66,7 @@ def test_schedules():
 
 
 def test_nan_guard_keeps_old_state():
-  tx, _ = make_optimizer(OptimizerConfig(learning_rate=0.1, total_steps=10))
+  tx, _ = make_optimizer(OptimizerConfig(learning_rate=0.1, warmup_steps=0, total_steps=10))
   state = TrainState.create(_params(), tx, jax.random.key(0), use_ema=True)
   good = jax.jit(make_train_step(_quad_loss, tx, ema_decay=0.9))
   state, _ = good(state, _data())
@@ -194,7 +194,7 @@ def _assert_tree_equal(a, b):
 @pytest.fixture(scope="module")
 def saved_ckpt(tmp_path_factory):
   d = tmp_path_factory.mktemp("ckpt")
-  tx, _ = make_optimizer(OptimizerConfig(learning_rate=0.01, total_steps=10, weight_decay=0.0))
+  tx, _ = make_optimizer(OptimizerConfig(learning_rate=0.01, warmup_steps=0, total_steps=10, weight_decay=0.0))
   mesh8 = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   _, ssh, state = _sharded_state(mesh8, tx)
   assert len(state.params["w"].sharding.device_set) == 8 and not state.params["w"].sharding.is_fully_replicated

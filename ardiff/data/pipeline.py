@@ -29,7 +29,7 @@ re-drawn every epoch, then deterministic first-fit packing (``num_threads`` does
 
 from __future__ import annotations
 
-import dataclasses
+import os
 from typing import Any, Mapping
 
 import grain
@@ -37,52 +37,22 @@ import numpy as np
 
 from ardiff.data import shakespeare
 from ardiff.data.tokenizers import Tokenizer, make_tokenizer
+from ardiff.sections import DataConfig  # the one data config (defaults and checks) of experiments and this pipeline
 
 __all__ = ["DataConfig", "make_dataset", "make_source", "to_global_batch", "default_shard", "BATCH_KEYS"]
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """The keys ``make_dataset`` reads from ``config.data`` (an ml_collections ConfigDict, a dict, or this).
-
-  name:            "shakespeare" (embedded, offline) or a TFDS name ("lm1b", "c4/en:3.0.1") or a path to a
-                   prepared TFDS version directory.
-  data_dir:        TFDS data dir (local or gs://); None -> $TFDS_DATA_DIR or ~/tensorflow_datasets.
-  text_key:        feature holding the text ("text" for shakespeare, lm1b, c4). An integer array there is
-                   taken as already tokenized.
-  tokenizer:       "byte" | "byte:bos,eos,mask,pad" | "sentencepiece:/path.model" | "hf:/path/tokenizer.json".
-  seq_len:         L, packed sequence length.
-  pack_block_size: None/0 -> plain packing; B -> block-aligned packing (L % B == 0).
-  num_threads:     grain read/transform threads.
-  prefetch:        grain prefetch buffer (elements).
-  shuffle:         shuffle the source (global index shuffle, re-drawn each epoch).
-  shuffle_buffer:  optional extra window shuffle over packed rows (0/None = off).
-  pack_bins:       first-fit packing bins (None -> per-host batch size, at least 8).
-  seed:            default seed when make_dataset gets none.
-  train_split / eval_split: split names used by callers (not read by make_dataset).
-  """
-  name: str = "shakespeare"
-  data_dir: str | None = None
-  text_key: str = "text"
-  tokenizer: str = "byte"
-  seq_len: int = 256
-  pack_block_size: int | None = None
-  num_threads: int = 2
-  prefetch: int = 16
-  shuffle: bool = True
-  shuffle_buffer: int | None = None
-  pack_bins: int | None = None
-  seed: int = 0
-  train_split: str = "train"
-  eval_split: str = "validation"
+# Options that are arguments of make_dataset rather than experiment settings (the trainer derives them from
+# train.seed, train vs eval and objective.block_size); a plain dict cfg may still carry them.
+_CALL_DEFAULTS = {"seed": 0, "shuffle": True, "pack_block_size": None}
 
 
 def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-  """Reads ``key`` from a ConfigDict / dict / dataclass / None, with the DataConfig default."""
+  """Reads ``key`` from a ConfigDict / dict / DataConfig / None, with the DataConfig default."""
   if default is None:
-    default = getattr(DataConfig, key, None)
+    default = _CALL_DEFAULTS[key] if key in _CALL_DEFAULTS else getattr(DataConfig, key)
   if cfg is None:
     return default
   if isinstance(cfg, Mapping) or hasattr(cfg, "get"):   # dict, ml_collections.ConfigDict
@@ -100,7 +70,8 @@ def default_shard() -> tuple[int, int]:
 
 def make_source(cfg: Any, split: str):
   """The random-access data source of ``cfg.name`` / ``split`` (see ``shakespeare.data_source``)."""
-  return shakespeare.data_source(_cfg_get(cfg, "name"), split, _cfg_get(cfg, "data_dir"))
+  data_dir = _cfg_get(cfg, "data_dir")  # "~/..." as configs write it; "" -> the TFDS default
+  return shakespeare.data_source(_cfg_get(cfg, "name"), split, os.path.expanduser(data_dir) if data_dir else None)
 
 
 class _Tokenize(grain.transforms.Map):

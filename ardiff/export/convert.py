@@ -10,8 +10,8 @@ directory instead (:func:`convert_run_to_block_diffusion`). Either way ``RUN_DIR
 * ``conversion.json``: where it came from and which vocabulary rows were added,
 * the tokenizer file (``tokenizer.json`` / ``tokenizer.model``) when the source has one.
 
-Fine-tune it with ``python -m ardiff train --config configs/convert_finetune.py:RUN_DIR`` (which reads the model
-section from the directory) or with any config whose model matches plus ``--config.train.init_from=RUN_DIR``.
+Fine-tune it with ``python -m ardiff train --config configs/finetune.py:from=RUN_DIR`` (which reads the
+model section from the directory) or with any config whose model matches plus ``--config.train.init_from=RUN_DIR``.
 
 The [MASK] token (SDAR and Fast-dLLM v2 fine-tune with one; docs/algorithms.md §6): an id the source already has
 is kept; otherwise one is added after the tokenizer's vocabulary and its embedding row (and ``lm_head`` column) start at
@@ -36,17 +36,11 @@ from ardiff.config import DTYPES, ModelConfig
 from ardiff.export import hf as hf_lib
 from ardiff.export import io as io_lib
 from ardiff.export import params as params_lib
+from ardiff.objectives.recipes import RECIPES  # written once there; also read by configs/finetune.py
 
 log = logging.getLogger(__name__)
 
 CONVERSION_FILE = "conversion.json"
-# Objective recipes for AR -> block diffusion (docs/algorithms.md §6). Fast-dLLM v2's token shift keeps the AR model's
-# "row i-1 predicts token i" head, which is why it adapts fastest (benchmarks/convert_vs_scratch.py).
-RECIPES = {
-    "fastdllm_v2": dict(token_shift=True, complementary_masks=True, weighting="none"),
-    "sdar": dict(token_shift=False, complementary_masks=False, weighting="p_mask"),
-    "bd3": dict(token_shift=False, complementary_masks=False, weighting="nelbo"),
-}
 
 
 # --------------------------------------------------------------------------------------------- vocabulary
@@ -143,9 +137,9 @@ def convert_to_block_diffusion(cfg: ModelConfig, params: Mapping, out_run_dir, *
 
   ``base_config``: experiment config providing the non-model sections (default
   :func:`ardiff.experiment.base_config`); its objective gets ``kind``, ``block_size`` and the fields of
-  ``recipe`` (a key of :data:`RECIPES`; None keeps ``base_config``'s). ``tokenizer``: the source's tokenizer
-  spec (an ``hf:``/``sentencepiece:`` file is copied into the run directory); None keeps ``base_config``'s.
-  Everything is validated before anything is written.
+  ``recipe`` (a key of :data:`ardiff.objectives.recipes.RECIPES`; None keeps ``base_config``'s). ``tokenizer``: the
+  source's tokenizer spec (an ``hf:``/``sentencepiece:`` file is copied into the run directory); None keeps
+  ``base_config``'s. Everything is validated before anything is written.
   """
   from ardiff import experiment as experiment_lib
   run_dir = io_lib.check_output_dir(out_run_dir, overwrite=overwrite)
@@ -196,17 +190,12 @@ def convert_to_block_diffusion(cfg: ModelConfig, params: Mapping, out_run_dir, *
 
 
 def _load_config_file(path: Optional[str]) -> Optional[ml_collections.ConfigDict]:
-  """``get_config()`` of a ``configs/*.py`` file (``path:arg`` passes ``arg``), or None."""
+  """``get_config()`` of a ``configs/*.py`` file (``path:arg`` passes ``arg``; found as ``train --config`` finds
+  it: relative to the cwd, then among the shipped configs), or None."""
   if path is None:
     return None
-  import importlib.util
-  file, _, arg = path.partition(":")
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"config file {file} not found.")
-  spec = importlib.util.spec_from_file_location("_ardiff_convert_config", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  from ardiff import cli_flags
+  return cli_flags.load_config_file(path)
 
 
 def hf_tokenizer_spec(hf_dir: str, hf_config: Mapping) -> Optional[str]:
@@ -257,7 +246,7 @@ def convert_run_to_block_diffusion(run_dir, out_run_dir, *, block_size: int, con
   base = _load_config_file(config_file)
   return convert_to_block_diffusion(exp.model, params, out_run_dir, block_size=block_size,
                                     base_config=exp.raw if base is None else base,
-                                    tokenizer=exp.data["tokenizer"], mask_token_id=mask_token_id, seq_len=seq_len,
+                                    tokenizer=exp.data.tokenizer, mask_token_id=mask_token_id, seq_len=seq_len,
                                     recipe=recipe, overwrite=overwrite,
                                     source={"run_dir": run_dir, "use_ema": bool(use_ema)})
 
@@ -296,5 +285,5 @@ def main(argv) -> int:
     run_dir = convert_hf_to_block_diffusion(args.from_hf, args.out, dtype=args.dtype, **common)
   else:
     run_dir = convert_run_to_block_diffusion(args.from_run, args.out, use_ema=args.ema, **common)
-  print(f"Wrote {run_dir}. Fine-tune with:\n  python -m ardiff train --config configs/convert_finetune.py:{run_dir}")
+  print(f"Wrote {run_dir}. Fine-tune with:\n  python -m ardiff train --config configs/finetune.py:from={run_dir}")
   return 0

@@ -30,11 +30,11 @@ HF_TOKENIZER_NAMES = {"hf": "tokenizer.json", "sentencepiece": "tokenizer.model"
 def hf_extra_config(exp) -> dict:
   """``config.json`` additions for an experiment: HF special-token ids and the ``"ardiff"`` section."""
   from ardiff.data import tokenizers
-  spec = exp.data["tokenizer"]
+  spec = exp.data.tokenizer
   tok = tokenizers.make_tokenizer(spec)
   specials = {k: getattr(tok, f"{k}_id", None) for k in ("bos", "eos", "mask", "pad")}
   kind = exp.objective.kind
-  ardiff = {"objective": kind, "seq_len": int(exp.data["seq_len"]),
+  ardiff = {"objective": kind, "seq_len": exp.data.seq_len,
             "special_tokens": {k: v for k, v in specials.items() if v is not None}}
   tok_kind = spec.strip().partition(":")[0].lower()
   ardiff["tokenizer"] = spec if tok_kind == "byte" else HF_TOKENIZER_NAMES[tok_kind]
@@ -59,12 +59,12 @@ def export_run_to_hf(run_dir, out_dir, *, use_ema: bool = False, overwrite: bool
   from ardiff.training.run_dir import load_run
   io_lib.check_output_dir(out_dir, overwrite=overwrite)  # refuse before the (slow) restore
   exp, _, params = load_run(io_lib.clean_path(run_dir), use_ema=use_ema)
-  tok_file = params_lib.tokenizer_file_of(exp.data["tokenizer"])
+  tok_file = params_lib.tokenizer_file_of(exp.data.tokenizer)
   files = []
   if tok_file is not None:
-    files.append((tok_file, HF_TOKENIZER_NAMES[exp.data["tokenizer"].strip().partition(":")[0].lower()]))
+    files.append((tok_file, HF_TOKENIZER_NAMES[exp.data.tokenizer.strip().partition(":")[0].lower()]))
   return hf_lib.export_hf(params, exp.model, out_dir, tokenizer_files=files, extra_config=hf_extra_config(exp),
-                          max_position_embeddings=max(4096, int(exp.data["seq_len"])), overwrite=overwrite)
+                          max_position_embeddings=max(4096, exp.data.seq_len), overwrite=overwrite)
 
 
 def export_run_to_stablehlo(run_dir, out_dir, *, use_ema: bool = False, overwrite: bool = False, **kw) -> str:

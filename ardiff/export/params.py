@@ -52,7 +52,7 @@ def check_compatible(source: ModelConfig, target: ModelConfig, where: str) -> No
            if getattr(source, k) != getattr(target, k)]
   if diffs:
     raise ValueError(f"the parameters in {where} do not fit the model config ({'; '.join(diffs)}). Use a config "
-                     "whose model section matches the checkpoint (e.g. configs/convert_finetune.py:<dir>, which "
+                     "whose model section matches the checkpoint (e.g. configs/finetune.py:from=<dir>, which "
                      "reads it from the directory).")
 
 
@@ -122,7 +122,7 @@ def export_params(run_dir, out_dir, *, use_ema: bool = False, format: str = "saf
   io_lib.check_output_dir(out_dir, overwrite=overwrite)  # refuse before the (slow) restore
   exp, _, params = load_run(run_dir, use_ema=use_ema)
   return save_params_dir(params, exp.model, out_dir, format=format, run_config=exp.raw.to_dict(),
-                         tokenizer_file=tokenizer_file_of(exp.data["tokenizer"]), overwrite=overwrite,
+                         tokenizer_file=tokenizer_file_of(exp.data.tokenizer), overwrite=overwrite,
                          extra={"source": run_dir, "use_ema": bool(use_ema)})
 
 

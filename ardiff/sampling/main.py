@@ -120,9 +120,9 @@ def main(argv) -> int:
   if args.num_samples < 1:
     raise UsageError(f"--num_samples={args.num_samples} must be >= 1.")
   exp, model, params = train_main.load_run(args.run_dir, use_ema=args.ema)
-  tok = data_lib.make_tokenizer(exp.data["tokenizer"])
+  tok = data_lib.make_tokenizer(exp.data.tokenizer)
   sampler = default_sampler(exp.objective, model) if args.sampler == "auto" else args.sampler
-  context = int(exp.data["seq_len"])
+  context = exp.data.seq_len
   options, draft = {}, None
   if sampler == "block_diffusion":
     options = dict(strategy=args.strategy, threshold=args.threshold, steps_per_block=args.steps_per_block,
@@ -132,7 +132,7 @@ def main(argv) -> int:
       raise UsageError("--sampler speculative needs --draft_checkpoint DIR (a small AR run with the same vocab).")
     draft_exp, draft_model, draft_params = train_main.load_run(args.draft_checkpoint)
     draft, options = (draft_params, draft_model), dict(num_draft=args.num_draft)
-    context = min(context, int(draft_exp.data["seq_len"]))
+    context = min(context, draft_exp.data.seq_len)
   ids, num_tokens, note = fit_prompt(encode_prompt(tok, prompt_input(tok, args.prompt)), context=context,
                                      num_tokens=args.num_tokens, truncate=args.truncate_prompt, bos_id=tok.bos_id)
   if note:

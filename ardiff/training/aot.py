@@ -125,20 +125,20 @@ def _compile_train_step(config, topology: str) -> dict:
     # 'auto' picks kernels from the *running* backend (CPU here), so say plainly what was compiled.
     model_cfg = dataclasses.replace(model_cfg, attention_impl="xla")
     notes.append("attention_impl='auto' compiled with the XLA attention path (kernels are chosen on the TPU host).")
-  mesh = sharding.make_mesh(**{a: int(exp.mesh[a]) for a in sharding.MESH_AXES}, devices=devices)
+  mesh = sharding.make_mesh(exp, devices=devices)
   model = Transformer(model_cfg)
-  tx, lr_schedule = optimizer_lib.make_optimizer(exp.optimizer, total_steps=int(exp.train["num_steps"]))
-  ema = float(exp.optimizer["ema_decay"]) > 0
+  tx, lr_schedule = optimizer_lib.make_optimizer(exp.optimizer)
+  ema = exp.optimizer.ema_decay > 0
   abstract_params, param_sh = sharding.abstract_params_and_shardings(model, mesh, exp.rules)
   abstract_state = jax.eval_shape(
       lambda p: train_state_lib.TrainState.create(p, tx, jax.random.key(0), use_ema=ema), abstract_params)
   state_sh = train_state_lib.state_shardings(abstract_state, param_sh, mesh)
   step = train_state_lib.make_train_step(objectives.make_loss_fn(model, exp.objective), tx,
-                                         ema_decay=float(exp.optimizer["ema_decay"]) if ema else None,
+                                         ema_decay=exp.optimizer.ema_decay if ema else None,
                                          lr_schedule=lr_schedule)
   batch_sh = sharding.batch_sharding(mesh)
-  micro = exp.train["batch_size"] // int(exp.optimizer["grad_accum_steps"])
-  batch = {k: jax.ShapeDtypeStruct((micro, exp.data["seq_len"]), jnp.int32, sharding=batch_sh)
+  micro = exp.train.batch_size // exp.optimizer.grad_accum_steps
+  batch = {k: jax.ShapeDtypeStruct((micro, exp.data.seq_len), jnp.int32, sharding=batch_sh)
            for k in ("tokens", "segment_ids", "positions", "loss_mask")}
   with sharding.activation_sharding(mesh, exp.rules):
     lowered = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
@@ -182,11 +182,11 @@ def _compile_sampler_steps(config, topology: str, *, max_len: int | None = None)
   exp = experiment_lib.validate(config, devices=devices)
   model_cfg = exp.model if exp.model.attention_impl != "auto" else dataclasses.replace(exp.model,
                                                                                       attention_impl="xla")
-  mesh = sharding.make_mesh(**{a: int(exp.mesh[a]) for a in sharding.MESH_AXES}, devices=devices)
+  mesh = sharding.make_mesh(exp, devices=devices)
   model = Transformer(model_cfg)
   abstract_params, param_sh = sharding.abstract_params_and_shardings(model, mesh, exp.rules)
   batch = mesh.shape["data"] * mesh.shape["fsdp"]
-  max_len = max_len or 2 * exp.data["seq_len"]
+  max_len = max_len or 2 * exp.data.seq_len
   rows = NamedSharding(mesh, P(("data", "fsdp")))
   kv = NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor", None))
   cache_sh = KVCache(k=kv, v=kv, lengths=rows)

@@ -37,10 +37,8 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os
                               "configs", "default.py")
 
 
-def _data_cfg(exp: experiment_lib.Experiment) -> dict:
-  d = dict(exp.data)
-  d["data_dir"] = os.path.expanduser(d["data_dir"]) if d.get("data_dir") else None
-  return d
+def _data_cfg(exp: experiment_lib.Experiment) -> experiment_lib.DataConfig:
+  return exp.data.replace(data_dir=os.path.expanduser(exp.data.data_dir))
 
 
 def _pack_block(exp) -> int:
@@ -50,11 +48,11 @@ def _pack_block(exp) -> int:
 def make_datasets(exp, *, seed: int):
   block = _pack_block(exp)
   cfg = _data_cfg(exp)
-  micro_batch = exp.train["batch_size"] // int(exp.optimizer["grad_accum_steps"])
-  train_ds, tok = data_lib.make_dataset(cfg, exp.data["train_split"], seed=seed, batch_size=micro_batch,
-                                        seq_len=exp.data["seq_len"], block_size=block)
+  micro_batch = exp.train.batch_size // exp.optimizer.grad_accum_steps
+  train_ds, tok = data_lib.make_dataset(cfg, exp.data.train_split, seed=seed, batch_size=micro_batch,
+                                        seq_len=exp.data.seq_len, block_size=block)
   if tok.vocab_size > exp.model.vocab_size:
-    raise ValueError(f"tokenizer {exp.data['tokenizer']!r} has {tok.vocab_size} ids but model.vocab_size="
+    raise ValueError(f"tokenizer {exp.data.tokenizer!r} has {tok.vocab_size} ids but model.vocab_size="
                      f"{exp.model.vocab_size}; set model.vocab_size >= {tok.vocab_size}.")
   if exp.objective.kind != "ar" and tok.mask_id is not None and tok.mask_id != exp.model.mask_token_id:
     raise ValueError(f"model.mask_token_id={exp.model.mask_token_id} but the tokenizer's [MASK] id is "
@@ -63,8 +61,8 @@ def make_datasets(exp, *, seed: int):
 
 
 def eval_batches(exp, tok):
-  ds, _ = data_lib.make_dataset(_data_cfg(exp), exp.data["eval_split"], seed=0, batch_size=exp.train["batch_size"],
-                                seq_len=exp.data["seq_len"], block_size=_pack_block(exp), num_epochs=1,
+  ds, _ = data_lib.make_dataset(_data_cfg(exp), exp.data.eval_split, seed=0, batch_size=exp.train.batch_size,
+                                seq_len=exp.data.seq_len, block_size=_pack_block(exp), num_epochs=1,
                                 shuffle=False, tokenizer=tok)
   return iter(ds)
 
@@ -76,7 +74,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_afte
   returns or raises, so a failed call in a notebook leaves nothing behind.
   """
   exp = experiment_lib.validate(config, devices=jax.devices())
-  run_dir = run_dir_lib.as_path(exp.train["run_dir"])  # a local path or a URL (gs://...), never abspath'ed
+  run_dir = run_dir_lib.as_path(exp.train.run_dir)  # a local path or a URL (gs://...), never abspath'ed
   run_dir.mkdir(parents=True, exist_ok=True)
   with contextlib.ExitStack() as cleanup:
     return _train(exp, run_dir, cleanup, progress=progress, stop_after=stop_after)
@@ -84,16 +82,16 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_afte
 
 def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_after: Optional[int]) -> dict:
   tcfg = exp.train
-  mesh = sharding.make_mesh(**{a: int(exp.mesh[a]) for a in sharding.MESH_AXES})
+  mesh = sharding.make_mesh(exp)
   model = Transformer(exp.model)
-  train_ds, tok = make_datasets(exp, seed=int(tcfg["seed"]))
+  train_ds, tok = make_datasets(exp, seed=tcfg.seed)
   train_iter = iter(train_ds)
 
   loss_fn = objectives.make_loss_fn(model, exp.objective)
-  accum = int(exp.optimizer["grad_accum_steps"])
-  tx, lr_schedule = optimizer_lib.make_optimizer(exp.optimizer, total_steps=int(tcfg["num_steps"]))
-  ema_decay = float(exp.optimizer["ema_decay"])
-  state, state_sh, abstract_state = create_state(model, tx, mesh, exp.rules, seed=int(tcfg["seed"]),
+  accum = exp.optimizer.grad_accum_steps
+  tx, lr_schedule = optimizer_lib.make_optimizer(exp.optimizer)
+  ema_decay = exp.optimizer.ema_decay
+  state, state_sh, abstract_state = create_state(model, tx, mesh, exp.rules, seed=tcfg.seed,
                                                  ema=ema_decay > 0)
   batch_sh = sharding.batch_sharding(mesh)
   step_fn = sharding.under_mesh(train_state_lib.jit_train_step(
@@ -101,27 +99,27 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
                                       lr_schedule=lr_schedule, grad_accum_steps=accum), state_sh, batch_sh),
       mesh, exp.rules)
 
-  ckpt = checkpoint_lib.Checkpointer(run_dir / run_dir_lib.CHECKPOINTS, max_to_keep=int(tcfg["keep_checkpoints"]),
-                                     save_every=int(tcfg["save_every"]) * accum)
+  ckpt = checkpoint_lib.Checkpointer(run_dir / run_dir_lib.CHECKPOINTS, max_to_keep=tcfg.keep_checkpoints,
+                                     save_every=tcfg.save_every * accum)
   cleanup.callback(ckpt.close)  # waits for an in-flight save, also when the loop raises
   # start: the micro-step training starts from; last_saved: the micro-step whose state is on disk (the restored
   # one, or none yet: a fresh run saves step 0 if its first update is refused)
   start, last_saved = 0, None
-  if tcfg["resume"] and ckpt.latest_step() is not None:
+  if tcfg.resume and ckpt.latest_step() is not None:
     try:  # a corrupt latest step is moved aside and the previous one restored (checkpoint.restore_latest)
       _, state = ckpt.restore(sharding.with_shardings(abstract_state, state_sh), data_iter=train_iter)
       start = last_saved = int(jax.device_get(state.step))
       print(f"Resumed from {ckpt.directory} at step {start // accum}.")
     except checkpoint_lib.NoCheckpointError as e:  # every step was corrupt (all moved aside): start over
       print(f"{e} Training from step 0.")
-      state, _, _ = create_state(model, tx, mesh, exp.rules, seed=int(tcfg["seed"]), ema=ema_decay > 0)
+      state, _, _ = create_state(model, tx, mesh, exp.rules, seed=tcfg.seed, ema=ema_decay > 0)
       train_iter = iter(train_ds)
-  elif tcfg["init_from"]:
-    params = run_dir_lib.load_params(tcfg["init_from"], model, mesh, exp.rules)
-    state = jax.jit(lambda p: train_state_lib.TrainState.create(p, tx, jax.random.key(int(tcfg["seed"]) + 1),
+  elif tcfg.init_from:
+    params = run_dir_lib.load_params(tcfg.init_from, model, mesh, exp.rules)
+    state = jax.jit(lambda p: train_state_lib.TrainState.create(p, tx, jax.random.key(tcfg.seed + 1),
                                                                 use_ema=ema_decay > 0),
                     out_shardings=state_sh)(params)
-    print(f"Initialised parameters from {tcfg['init_from']} (objective now {exp.objective.kind!r}).")
+    print(f"Initialised parameters from {tcfg.init_from} (objective now {exp.objective.kind!r}).")
   run_dir_lib.write_config(run_dir, exp.raw)
 
   # Records after the restored step belong to steps about to be replayed: drop them (metrics.jsonl) and tell
@@ -132,9 +130,9 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
   cleanup.callback(metrics_log.close)
   writer = SummaryWriter(str(run_dir / run_dir_lib.TB_DIR), purge_step=start_step + 1 if start_step else None)
   cleanup.callback(writer.close)
-  total_steps = int(tcfg["num_steps"])
+  total_steps = tcfg.num_steps
   num_steps = total_steps if stop_after is None else min(total_steps, stop_after)
-  tokens_per_step = tcfg["batch_size"] * exp.data["seq_len"]
+  tokens_per_step = tcfg.batch_size * exp.data.seq_len
   stop = _StopOnSigterm()
   cleanup.callback(stop.restore)
   bar = _progress(start_step, total_steps, enabled=progress)
@@ -158,7 +156,7 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
     if (micro + 1) % accum:
       continue
     done = (micro + 1) // accum  # optimizer steps
-    if done % tcfg["log_every"] == 0 or done == num_steps:
+    if done % tcfg.log_every == 0 or done == num_steps:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       now = time.time()  # throughput over the logging window, so the first window's compile time washes out
       metrics["tokens_per_s"] = tokens_per_step * (done - last_logged) / max(now - t0, 1e-9)
@@ -169,10 +167,10 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
       bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
       last = metrics
     bar.update(1)
-    if done % tcfg["eval_every"] == 0 or done == total_steps:
+    if done % tcfg.eval_every == 0 or done == total_steps:
       ev = evaluate_lib.evaluate(state.params, eval_batches(exp, tok), model=model, objective=exp.objective,
-                                 rng=jax.random.key(done), max_batches=int(tcfg["eval_batches"]), eval_fn=eval_fn,
-                                 put_batch=put, byte_vocab=exp.data["tokenizer"].startswith("byte"))
+                                 rng=jax.random.key(done), max_batches=tcfg.eval_batches, eval_fn=eval_fn,
+                                 put_batch=put, byte_vocab=exp.data.tokenizer.startswith("byte"))
       for k, v in ev.items():
         writer.add_scalar(f"eval/{k}", v, done)
       metrics_log.write({"step": done, **{f"eval/{k}": v for k, v in ev.items()}})
@@ -192,7 +190,7 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
   if last_saved != final_micro:
     save(final_micro, force=True)
   ckpt.wait()
-  if final_micro == total_steps * accum and int(tcfg["num_samples"]) > 0 and not stop.requested:
+  if final_micro == total_steps * accum and tcfg.num_samples > 0 and not stop.requested:
     text = write_samples(state.params, model, exp, tok, run_dir)
     print(text)
   writer.flush()
@@ -236,8 +234,8 @@ class _StopOnSigterm:
 def write_samples(params, model, exp, tok, run_dir) -> str:
   """A few generated samples, written to ``samples.txt`` in the run directory."""
   from ardiff.sampling.generate import generate_for_experiment
-  texts = generate_for_experiment(params, model, exp, tok, num_samples=int(exp.train["num_samples"]),
-                                  num_tokens=int(exp.train["sample_tokens"]), rng=jax.random.key(0))
+  texts = generate_for_experiment(params, model, exp, tok, num_samples=exp.train.num_samples,
+                                  num_tokens=exp.train.sample_tokens, rng=jax.random.key(0))
   body = "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts))
   (run_dir_lib.as_path(run_dir) / "samples.txt").write_text(body + "\n")
   return body
@@ -246,12 +244,12 @@ def write_samples(params, model, exp, tok, run_dir) -> str:
 def evaluate_run(run_dir, *, max_batches: Optional[int] = None, use_ema: bool = False) -> dict:
   """Evaluates the latest checkpoint of ``run_dir`` with the config saved beside it."""
   exp, model, params = load_run(run_dir, use_ema=use_ema)
-  mesh = sharding.make_mesh(**{a: int(exp.mesh[a]) for a in sharding.MESH_AXES})
-  tok = data_lib.make_tokenizer(exp.data["tokenizer"])
+  mesh = sharding.make_mesh(exp)
+  tok = data_lib.make_tokenizer(exp.data.tokenizer)
   put = lambda b: data_lib.to_global_batch(b, sharding.batch_sharding(mesh))
   return evaluate_lib.evaluate(params, eval_batches(exp, tok), model=model, objective=exp.objective,
                                rng=jax.random.key(0), max_batches=max_batches, put_batch=put,
-                               byte_vocab=exp.data["tokenizer"].startswith("byte"))
+                               byte_vocab=exp.data.tokenizer.startswith("byte"))
 
 
 def _progress(start, total, enabled):

@@ -125,7 +125,7 @@ def load_run(run_dir, *, use_ema: bool = False):
   if is_params_dir:
     params_lib.resolve_tokenizer_path(config, str(run_dir))  # the exported tokenizer file sits in the directory
   exp = experiment_lib.validate(config)
-  mesh = sharding.make_mesh(**{a: int(exp.mesh[a]) for a in sharding.MESH_AXES})
+  mesh = sharding.make_mesh(exp)
   model = Transformer(exp.model)
   if is_params_dir:
     exported_ema = bool(params_lib.read_meta(run_dir).get("use_ema", False))
