@@ -146,14 +146,15 @@ def make_dataset(cfg: Any = None, split: str = "train", *, seed: int | None = No
   """Builds the packed, batched grain pipeline for one host. Returns ``(dataset, tokenizer)``.
 
   Args:
-    cfg: ``config.data`` (ConfigDict / dict / DataConfig / None for the defaults); keys in ``DataConfig``.
+    cfg: ``config.data`` (ConfigDict / dict / DataConfig / None for the defaults); keys in ``DataConfig`` (a plain
+      dict may also give ``seed``, ``shuffle`` and ``pack_block_size``, the defaults of the arguments below).
     split: TFDS split, slicing allowed (``"train"``, ``"validation"``, ``"train[:10%]"``).
-    seed: shuffle/packing seed (default ``cfg.seed``). Same seed -> same batches.
+    seed: shuffle/packing seed (default ``cfg["seed"]``, else 0). Same seed -> same batches.
     batch_size: GLOBAL batch size; each host yields ``batch_size // shard_count`` rows (must divide).
     seq_len: L (default ``cfg.seq_len``).
-    block_size: B for block-aligned packing (default ``cfg.pack_block_size``; 0/None -> plain packing).
+    block_size: B for block-aligned packing (default ``cfg["pack_block_size"]``; 0/None -> plain packing).
     num_epochs: None = repeat forever (training); 1 = one pass (evaluation).
-    shuffle: default ``cfg.shuffle``; pass False for evaluation.
+    shuffle: default ``cfg["shuffle"]``, else True; pass False for evaluation.
     shard_index, shard_count: this host's slice of the source records (default ``jax.process_index()`` /
       ``jax.process_count()``); hosts read disjoint records that together cover the split.
     tokenizer: a Tokenizer or spec overriding ``cfg.tokenizer``.
