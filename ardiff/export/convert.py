@@ -32,10 +32,10 @@ from typing import Mapping, Optional, Sequence, Tuple
 import jax.numpy as jnp
 import ml_collections
 
+from ardiff.checkpoints import params_dir as params_lib
+from ardiff.checkpoints import staging as io_lib
 from ardiff.config import DTYPES, ModelConfig
 from ardiff.export import hf as hf_lib
-from ardiff.export import io as io_lib
-from ardiff.export import params as params_lib
 from ardiff.objectives.recipes import RECIPES  # written once there; also read by configs/finetune.py
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def resolve_mask(cfg: ModelConfig, tokenizer: Optional[str], mask_token_id: Opti
 # ------------------------------------------------------------------------------------------------- convert
 def save_params_checkpoint(params, ckpt_dir: str, step: int = 0) -> str:
   """``{"params": params}`` as step ``step`` of an orbax CheckpointManager directory (the train-state layout
-  that :func:`ardiff.training.main.restore_params` reads, so ``init_from`` and ``ardiff eval`` accept it)."""
+  that :func:`ardiff.checkpoints.run_dir.restore_params` reads, so ``init_from`` and ``ardiff eval`` accept it)."""
   import orbax.checkpoint as ocp
   mngr = ocp.CheckpointManager(io_lib.clean_path(ckpt_dir), item_handlers={"state": ocp.StandardCheckpointHandler()},
                                options=ocp.CheckpointManagerOptions(create=True))
@@ -237,7 +237,7 @@ def convert_run_to_block_diffusion(run_dir, out_run_dir, *, block_size: int, con
                                    overwrite: bool = False) -> str:
   """An ardiff AR run (or params directory) -> a block-diffusion run; the source's data, optimizer and train
   sections are kept unless ``config_file`` is given."""
-  from ardiff.training.main import load_run
+  from ardiff.checkpoints.run_dir import load_run
   run_dir = io_lib.clean_path(run_dir)
   io_lib.check_output_dir(out_run_dir, overwrite=overwrite)
   exp, _, params = load_run(run_dir, use_ema=use_ema)

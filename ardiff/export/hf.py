@@ -37,8 +37,8 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 import jax
 import numpy as np
 
+from ardiff.checkpoints import tree_io
 from ardiff.config import DTYPES, ModelConfig
-from ardiff.export import tree_io
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def config_to_hf(cfg: ModelConfig, *, max_position_embeddings: int = 4096,
 
 
 # ------------------------------------------------------------------------------------------- tensor readers
-_norm = tree_io.norm_index  # shared with the params-directory reader (ardiff/export/tree_io.py)
+_norm = tree_io.norm_index  # shared with the params-directory reader (ardiff/checkpoints/tree_io.py)
 
 
 def _rows(s: slice, inner: int) -> slice:
@@ -414,13 +414,13 @@ def export_hf(params: Mapping, cfg: ModelConfig, out_dir: str, *, tokenizer_file
   ``config["ardiff"]`` (``mask_token_id`` defaults to ``cfg.mask_token_id``). ``tokenizer_files``: paths of files
   (or ``(path, name)`` to rename the copy), or directories whose known tokenizer files (``tokenizer.json``, ...)
   are copied; a ``generation_config.json`` among them is merged with ours (:func:`_generation_config`: [MASK] in
-  ``suppress_tokens``). The directory appears only
-  when everything is written (:func:`ardiff.export.io.staged_output`); a non-empty ``out_dir`` is refused unless
-  ``overwrite``. Returns ``out_dir``.
+  ``suppress_tokens``). The directory appears only when everything is written
+  (:func:`ardiff.checkpoints.staging.staged_output`); a non-empty ``out_dir`` is refused unless ``overwrite``.
+  Returns ``out_dir``.
   """
   from safetensors.numpy import save_file
 
-  from ardiff.export import io as io_lib
+  from ardiff.checkpoints import staging as io_lib
   out_dir = io_lib.check_output_dir(out_dir, overwrite=overwrite)
   if isinstance(tokenizer_files, (str, os.PathLike)):
     tokenizer_files = [tokenizer_files]
@@ -436,7 +436,7 @@ def export_hf(params: Mapping, cfg: ModelConfig, out_dir: str, *, tokenizer_file
       copies.append((src, name or os.path.basename(src)))
     else:
       raise FileNotFoundError(f"tokenizer file {src} not found.")
-  from ardiff.export import params as params_lib
+  from ardiff.checkpoints import params_dir as params_lib
   params_lib.check_params_match(params, cfg.replace(scan_layers="layers" in params))
   hf_config = config_to_hf(cfg, max_position_embeddings=max_position_embeddings, extra_config=extra_config)
   tensors = params_to_hf_tensors(params, cfg)

@@ -10,14 +10,14 @@ with q/k/v biases); the run's objective goes into ``config["ardiff"]`` (kind, bl
 decoding defaults), its tokenizer's special ids into ``bos_token_id``/``eos_token_id`` and
 ``config["ardiff"]["special_tokens"]``, and an ``hf:``/``sentencepiece:`` tokenizer file is copied as
 ``tokenizer.json``/``tokenizer.model``. Every command refuses a non-empty ``--out`` unless ``--overwrite``, and
-writes nothing when it fails (:mod:`ardiff.export.io`).
+writes nothing when it fails (:mod:`ardiff.checkpoints.staging`).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ardiff.export import io as io_lib
+from ardiff.checkpoints import staging as io_lib
 
 # The defaults of `ardiff sample`, recorded so that an HF user decodes a block-diffusion export the way ardiff does.
 DECODING_DEFAULTS = {"block_diffusion": {"sampler": "block_diffusion", "strategy": "threshold", "threshold": 0.9,
@@ -55,8 +55,8 @@ def hf_extra_config(exp) -> dict:
 def export_run_to_hf(run_dir, out_dir, *, use_ema: bool = False, overwrite: bool = False) -> str:
   """The latest parameters (or EMA) of a run as a ``transformers`` directory; returns ``out_dir``."""
   from ardiff.export import hf as hf_lib
-  from ardiff.export import params as params_lib
-  from ardiff.training.run_dir import load_run
+  from ardiff.checkpoints import params_dir as params_lib
+  from ardiff.checkpoints.run_dir import load_run
   io_lib.check_output_dir(out_dir, overwrite=overwrite)  # refuse before the (slow) restore
   exp, _, params = load_run(io_lib.clean_path(run_dir), use_ema=use_ema)
   tok_file = params_lib.tokenizer_file_of(exp.data.tokenizer)

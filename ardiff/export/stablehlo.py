@@ -286,12 +286,12 @@ def load_serving(out_dir: str, params=None) -> Serving:
 
 
 def serving_export_from_run(run_dir: str, out_dir: str, *, use_ema: bool = False, **kw) -> str:
-  """:func:`export_serving` for the latest checkpoint of a training run (``ardiff.training.main.load_run``).
+  """:func:`export_serving` for the latest checkpoint of a training run (``ardiff.checkpoints.run_dir.load_run``).
 
   ``block_size`` defaults to ``objective.block_size`` for a ``block_diffusion`` objective and None (AR) otherwise;
   ``max_len`` and ``prompt_len`` are required keyword arguments; the rest of ``kw`` goes to :func:`export_serving`.
   """
-  from ardiff.training.run_dir import load_run
+  from ardiff.checkpoints.run_dir import load_run
   exp, _, params = load_run(run_dir, use_ema=use_ema)
   if "block_size" not in kw:
     kw["block_size"] = exp.objective.block_size if exp.objective.kind == "block_diffusion" else None

@@ -114,12 +114,12 @@ def fit_prompt(ids: list, *, context: int, num_tokens, truncate, bos_id):
 
 def main(argv) -> int:
   from ardiff import data as data_lib
-  from ardiff.training import main as train_main
+  from ardiff.checkpoints.run_dir import load_run
 
   args = parse_args(argv)
   if args.num_samples < 1:
     raise UsageError(f"--num_samples={args.num_samples} must be >= 1.")
-  exp, model, params = train_main.load_run(args.run_dir, use_ema=args.ema)
+  exp, model, params = load_run(args.run_dir, use_ema=args.ema)
   tok = data_lib.make_tokenizer(exp.data.tokenizer)
   sampler = default_sampler(exp.objective, model) if args.sampler == "auto" else args.sampler
   context = exp.data.seq_len

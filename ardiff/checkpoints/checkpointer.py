@@ -1,0 +1,224 @@
+"""Orbax CheckpointManager wrapper: train state + grain iterator + JSON config, async, restore on any mesh.
+
+Orbax writes each step into a temporary directory and renames it when complete, so unfinished saves are never
+listed as steps. A finalized step can still be damaged afterwards (files deleted/truncated, a disk that filled up);
+:func:`restore_latest` -- the one place every reader of a checkpoint directory goes through (train resume,
+``load_run`` for eval/sample/export, ``train.init_from``) -- then moves the bad step aside as
+``<dir>/<step>.corrupt-<reason>`` (renamed, never deleted; orbax does not list it as a step, so the step can be
+saved again), warns once naming the step and the reason, and restores the previous step.
+
+Directories are ``etils.epath`` paths: local paths and URLs (``gs://...``) alike.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import warnings
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from ardiff.checkpoints.paths import as_path
+
+T = TypeVar("T")
+# Test hook for fault injection (tests/test_train_e2e.py): "<when>:<step>" with when in before|during|after kills
+# this process with SIGKILL before the save of <step> starts, right after its asynchronous write started, or after
+# it was committed; "sigterm:<step>" sends it SIGTERM (a preemption) when step <step> is done.
+KILL_ENV = "ARDIFF_TEST_KILL_AT"
+
+
+class NoCheckpointError(FileNotFoundError):
+  """A checkpoint directory holds no restorable step."""
+
+
+class MissingItemError(ValueError):
+  """A sound checkpoint lacks what was asked (e.g. EMA parameters of a run trained without EMA): not damage, so
+  :func:`restore_latest` lets it through instead of moving the step aside."""
+
+
+def _grain_checkpoint():
+  import grain  # lazy: only needed when an iterator is checkpointed
+  return grain.checkpoint
+
+
+def step_problem(step_dir: epath.Path, items=("state",)) -> Optional[str]:
+  """Cheap structural check of a finalized step before orbax reads it: each item's metadata present and no empty
+  file. Returns a short reason, or None when the step looks complete (orbax may still fail on damaged data)."""
+  for item in items:
+    root = step_dir / item
+    if not root.is_dir():
+      return f"missing {item}/"
+    for name in ("_METADATA", "manifest.ocdbt"):
+      if not (root / name).exists():
+        return f"missing {item}/{name}"
+    for dirpath, _, files in root.walk():
+      for name in files:
+        if (dirpath / name).stat().length == 0:
+          return f"empty {(dirpath / name).relative_to(step_dir)}"
+  return None
+
+
+def _tag(reason: str) -> str:
+  """A file-name-safe tag for a reason: its first word ('missing', 'empty', or the exception's class name)."""
+  return re.sub(r"[^A-Za-z0-9]+", "-", reason.split(":")[0].split()[0] if reason.strip() else "").strip("-")[:40] \
+      or "unreadable"
+
+
+def quarantine(directory, step: int, reason: str) -> Optional[epath.Path]:
+  """Renames ``directory/<step>`` to ``directory/<step>.corrupt-<tag>`` (orbax ignores that name); returns the new
+  path, or None when the directory cannot be renamed (a read-only run directory: the step is only skipped)."""
+  src = as_path(directory) / str(step)
+  base = f"{step}.corrupt-{_tag(reason)}"
+  dst = src.parent / base
+  n = 1
+  while dst.exists():  # the same step went bad twice (retrained, damaged again): keep both copies
+    n += 1
+    dst = src.parent / f"{base}-{n}"
+  try:
+    src.rename(dst)
+  except OSError:
+    return None
+  return dst
+
+
+def restore_latest(directory, steps: List[int], restore_one: Callable[[int], T]) -> Tuple[int, T]:
+  """``(step, restore_one(step))`` for the newest of ``steps`` that restores.
+
+  A step is damaged when it fails the structural check (:func:`step_problem`), or when its restore raises but an
+  older step restores with the same target. A damaged step is moved aside with :func:`quarantine`, and one
+  warning names it and the reason. When every step raises, nothing is moved (the cause is then most likely the
+  target -- another model config -- not the checkpoints) and a ValueError lists each step's error. Raises
+  :class:`NoCheckpointError` when no step is left at all.
+  """
+  directory = as_path(directory)
+  failed = []  # (step, problem) of newer steps whose restore raised; damaged if an older one restores
+  for s in sorted(steps, reverse=True):
+    problem = step_problem(directory / str(s))
+    if problem is not None:
+      _set_aside(directory, s, problem)
+      continue
+    try:
+      out = restore_one(s)
+    except MissingItemError:
+      raise
+    except Exception as e:  # noqa: BLE001 - any failure (orbax, tensorstore, json, shapes) may be damage
+      failed.append((s, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"))
+      continue
+    for bad, why in failed:
+      _set_aside(directory, bad, why)
+    return s, out
+  if failed:
+    raise ValueError(f"no checkpoint in {directory} could be restored: " + "; ".join(
+        f"step {s}: {why}" for s, why in failed) + ". If the model config changed since these were written, use "
+        "the run's own config.json; otherwise the checkpoints are damaged (restore a copy or train again).")
+  if steps:
+    raise NoCheckpointError(f"no restorable checkpoint in {directory}: steps {sorted(steps)} are all damaged and "
+                            "were moved aside as <step>.corrupt-*. Train again, or restore a copy.")
+  raise NoCheckpointError(f"{directory} holds no finished checkpoint; train (or wait for the first save) first.")
+
+
+def _set_aside(directory: epath.Path, step: int, problem: str) -> None:
+  moved = quarantine(directory, step, problem)
+  where = f"moved aside to {moved.name}" if moved is not None else "left in place (directory not writable)"
+  msg = (f"checkpoint step {step} in {directory} is corrupt or incomplete ({problem}); {where}; "
+         "falling back to the previous step.")
+  warnings.warn(msg, RuntimeWarning, stacklevel=3)  # once: not also logged, a CLI user would read it twice
+
+
+def _maybe_kill(when: str, step: int) -> None:
+  spec = os.environ.get(KILL_ENV)
+  if spec and spec == f"{when}:{step}":
+    os.kill(os.getpid(), signal.SIGTERM if when == "sigterm" else signal.SIGKILL)
+
+
+class Checkpointer:
+
+  def __init__(self, directory, max_to_keep: int = 3, save_every: int = 1000, async_save: bool = True,
+               **kwargs):
+    if "async" in kwargs:  # Checkpointer(dir, ..., **{"async": False})
+      async_save = kwargs.pop("async")
+    if kwargs:
+      raise TypeError(f"Unknown Checkpointer arguments: {sorted(kwargs)}.")
+    self.directory = as_path(directory)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+    try:
+      handlers["data"] = _grain_checkpoint().CheckpointHandler()
+    except ImportError:  # pragma: no cover
+      pass
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_every,
+                                             enable_async_checkpointing=async_save, create=True),
+        item_handlers=handlers)
+
+  # ------------------------------------------------------------------ save
+  def save(self, step: int, state: Any, data_iter=None, config_dict: Optional[dict] = None,
+           force: bool = False) -> bool:
+    """Save ``state`` (plain arrays), optionally the grain iterator and a JSON config; returns whether it saved."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      items["data"] = _grain_checkpoint().CheckpointSave(data_iter)
+    if config_dict is not None:
+      items["config"] = ocp.args.JsonSave(config_dict)
+    _maybe_kill("sigterm", step)
+    _maybe_kill("before", step)
+    saved = self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
+    if saved:
+      _maybe_kill("during", step)
+      if os.environ.get(KILL_ENV) == f"after:{step}":
+        self._mngr.wait_until_finished()
+        _maybe_kill("after", step)
+    return saved
+
+  # --------------------------------------------------------------- restore
+  def all_steps(self):
+    return sorted(self._mngr.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self._mngr.latest_step()
+
+  def restore(self, target: Any, data_iter=None, step: Optional[int] = None, with_config: bool = False):
+    """Restore the latest (or given) step onto the shardings carried by ``target`` (ShapeDtypeStructs).
+
+    Returns ``(step, state)`` or ``(step, state, config_dict)`` with ``with_config``; ``(None, None[, None])``
+    if there is no checkpoint. ``data_iter`` is restored in place. A step that fails to restore is moved aside
+    with a warning and the previous one is tried (:func:`restore_latest`); none left raises NoCheckpointError.
+    """
+    self._mngr.wait_until_finished()
+    steps = self.all_steps() if step is None else [step]
+    if not steps:
+      return (None, None, None) if with_config else (None, None)
+
+    def restore_one(s):
+      items = {"state": ocp.args.StandardRestore(target)}
+      if data_iter is not None:
+        items["data"] = _grain_checkpoint().CheckpointRestore(data_iter)
+      if with_config:
+        items["config"] = ocp.args.JsonRestore()
+      out = self._mngr.restore(s, args=ocp.args.Composite(**items))
+      jax.block_until_ready(out.state)  # surface tensorstore read errors here, inside the fallback
+      return out
+
+    try:
+      s, out = restore_latest(self.directory, steps, restore_one)
+    finally:
+      self._mngr.reload()  # forget the steps moved aside, so that they can be saved again
+    return (s, out.state, out.config) if with_config else (s, out.state)
+
+  # -------------------------------------------------------------- lifecycle
+  def wait(self):
+    self._mngr.wait_until_finished()
+
+  def close(self):
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
