@@ -151,3 +151,50 @@ def test_clip_search_config_round_trips_through_json():
   assert clip_search.search_every(objectives.ObjectiveConfig(), 25) == 0
   np.testing.assert_array_equal(np.asarray(clip_search.initial_clip(cfg)), np.float32([1e-3, 1.0]))
   assert clip_search.initial_clip(objectives.ObjectiveConfig()) is None
+
+
+def _run_config(run_dir, data_dir, **objective):
+  from ardiff import experiment
+  c = experiment.base_config()
+  c.model.update(embed_dim=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32)
+  c.objective.update(block_size=BS, **objective)
+  c.data.update(seq_len=16, data_dir=data_dir)
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  c.optimizer.update(warmup_steps=1)
+  c.train.update(run_dir=str(run_dir), batch_size=4, num_steps=4, log_every=1, eval_every=100, eval_batches=1,
+                 save_every=2, num_samples=0)
+  return c
+
+
+def _rows(run_dir):
+  return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def _losses(rows):
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_training_with_the_search_logs_the_interval_trains_on_it_and_resumes_with_it(tmp_path):
+  """Off: the loss never sees an interval argument; on: the same losses until the first search (the traced
+  [clip_low, clip_high] is the configured interval, bit for bit), then the chosen interval, logged and checkpointed,
+  so a run stopped after the search and resumed reproduces the uninterrupted one."""
+  from ardiff.training import main as train_main
+  data_dir = str(tmp_path / "tfds")
+  search = dict(clip_search=True, clip_search_every=2, clip_search_widths=(0.5, 0.9), clip_search_delta=0.25,
+                clip_search_batches=2)
+  train_main.train(_run_config(tmp_path / "off", data_dir), progress=False, stop_after=3)
+  train_main.train(_run_config(tmp_path / "on", data_dir, **search), progress=False)
+  off, on = _losses(_rows(tmp_path / "off")), _losses(_rows(tmp_path / "on"))
+  assert sorted(on) == [1, 2, 3, 4] and all(np.isfinite(v) for v in on.values())
+  assert on[1] == off[1] and on[2] == off[2]
+  sched = [r for r in _rows(tmp_path / "on") if "schedule/clip_low" in r]
+  assert [r["step"] for r in sched] == [2]  # every 2 steps, none after the last step
+  interval = (sched[0]["schedule/clip_low"], sched[0]["schedule/clip_high"])
+  assert interval in schedules.candidate_intervals((0.5, 0.9), delta=0.25)
+  assert np.isfinite(sched[0]["schedule/min_variance"]) and sched[0]["schedule/min_variance"] > 0
+  assert on[3] != off[3]  # training now draws t from the chosen interval (no candidate is the full [1e-3, 1])
+
+  config = _run_config(tmp_path / "resumed", data_dir, **search)
+  train_main.train(config, progress=False, stop_after=2)  # stops right after the search (and its save)
+  train_main.train(config, progress=False)
+  assert _losses(_rows(tmp_path / "resumed")) == on

@@ -19,6 +19,7 @@ from ardiff import experiment as experiment_lib
 from ardiff import objectives, sharding
 from ardiff.errors import UsageError
 from ardiff.model import Transformer
+from ardiff.training import clip_search as clip_search_lib
 from ardiff.training import optimizer as optimizer_lib
 from ardiff.training import train_state as train_state_lib
 
@@ -131,7 +132,9 @@ def _compile_train_step(config, topology: str) -> dict:
   ema = exp.optimizer.ema_decay > 0
   abstract_params, param_sh = sharding.abstract_params_and_shardings(model, mesh, exp.rules)
   abstract_state = jax.eval_shape(
-      lambda p: train_state_lib.TrainState.create(p, tx, jax.random.key(0), use_ema=ema), abstract_params)
+      lambda p: train_state_lib.TrainState.create(p, tx, jax.random.key(0), use_ema=ema,
+                                                  clip=clip_search_lib.initial_clip(exp.objective)),
+      abstract_params)
   state_sh = train_state_lib.state_shardings(abstract_state, param_sh, mesh)
   step = train_state_lib.make_train_step(objectives.make_loss_fn(model, exp.objective), tx,
                                          ema_decay=exp.optimizer.ema_decay if ema else None,

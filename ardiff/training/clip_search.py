@@ -89,6 +89,17 @@ def search(params, batches: Iterable[dict], cfg: base.ObjectiveConfig, *, per_bl
   return best, variances[best]
 
 
+def run(state, batches: Iterable[dict], cfg: base.ObjectiveConfig, *, per_block_fn: Callable, step: int,
+        clip_sharding, put_batch: Optional[Callable] = None):
+  """The trainer's search round at optimizer step ``step``, on ``state.params``: returns the state with its
+  ``clip`` set to the chosen interval (placed with ``clip_sharding``) and the metrics to log. Its randomness is a
+  function of ``step`` alone, so a resumed run repeats it exactly."""
+  interval, min_var = search(state.params, batches, cfg, per_block_fn=per_block_fn,
+                             rng=jax.random.fold_in(jax.random.key(step), 1), put_batch=put_batch)
+  clip = jax.device_put(jnp.asarray(interval, jnp.float32), clip_sharding)
+  return state.replace(clip=clip), schedule_metrics(interval, min_var)
+
+
 def schedule_metrics(interval: tuple[float, float], min_variance: float) -> dict:
   """What the trainer logs after a search (metrics.jsonl and TensorBoard)."""
   return {"schedule/clip_low": float(interval[0]), "schedule/clip_high": float(interval[1]),
