@@ -2,7 +2,7 @@
 
 What a run directory holds: ``checkpoints/`` (orbax: state + data iterator + config), ``tb/`` (TensorBoard),
 ``metrics.jsonl`` (one line per logged step), ``samples.txt`` and ``loss.png`` at the end, ``config.json``; its
-format is read and written in :mod:`ardiff.checkpoints.run_dir`. Faults: SIGTERM saves the current step once and exits
+format is read and written in :mod:`ardiff.training.run_dir`. Faults: SIGTERM saves the current step once and exits
 0; a corrupt latest checkpoint is moved aside and the previous one resumed, with ``metrics.jsonl`` and TensorBoard
 rewound to it; a non-finite update is refused and the last good state saved.
 """
@@ -22,15 +22,15 @@ import ml_collections
 from ardiff import data as data_lib
 from ardiff import experiment as experiment_lib
 from ardiff import objectives, sharding
-from ardiff.checkpoints import checkpointer as checkpoint_lib
-from ardiff.checkpoints import run_dir as run_dir_lib
 from ardiff.model import Transformer
+from ardiff.training import checkpoint as checkpoint_lib
+from ardiff.training import clip_search as clip_search_lib
 from ardiff.training import evaluate as evaluate_lib
 from ardiff.training import optimizer as optimizer_lib
+from ardiff.training import run_dir as run_dir_lib
 from ardiff.training import train_state as train_state_lib
-# The run-directory readers live in ardiff/checkpoints/run_dir.py; re-exported because README/Colab call them from
-# here.
-from ardiff.checkpoints.run_dir import load_params, load_run, read_config, restore_params  # noqa: F401
+# The run-directory readers live in run_dir.py; re-exported because README/Colab call them from here.
+from ardiff.training.run_dir import load_params, load_run, read_config, restore_params  # noqa: F401
 
 _read_config = read_config  # the old private name
 
@@ -92,8 +92,9 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
   accum = exp.optimizer.grad_accum_steps
   tx, lr_schedule = optimizer_lib.make_optimizer(exp.optimizer)
   ema_decay = exp.optimizer.ema_decay
+  clip = clip_search_lib.initial_clip(exp.objective)  # None unless objective.clip_search moves the interval
   state, state_sh, abstract_state = create_state(model, tx, mesh, exp.rules, seed=tcfg.seed,
-                                                 ema=ema_decay > 0)
+                                                 ema=ema_decay > 0, clip=clip)
   batch_sh = sharding.batch_sharding(mesh)
   step_fn = sharding.under_mesh(train_state_lib.jit_train_step(
       train_state_lib.make_train_step(loss_fn, tx, ema_decay=ema_decay if ema_decay > 0 else None,
@@ -113,12 +114,12 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
       print(f"Resumed from {ckpt.directory} at step {start // accum}.")
     except checkpoint_lib.NoCheckpointError as e:  # every step was corrupt (all moved aside): start over
       print(f"{e} Training from step 0.")
-      state, _, _ = create_state(model, tx, mesh, exp.rules, seed=tcfg.seed, ema=ema_decay > 0)
+      state, _, _ = create_state(model, tx, mesh, exp.rules, seed=tcfg.seed, ema=ema_decay > 0, clip=clip)
       train_iter = iter(train_ds)
   elif tcfg.init_from:
     params = run_dir_lib.load_params(tcfg.init_from, model, mesh, exp.rules)
     state = jax.jit(lambda p: train_state_lib.TrainState.create(p, tx, jax.random.key(tcfg.seed + 1),
-                                                                use_ema=ema_decay > 0),
+                                                                use_ema=ema_decay > 0, clip=clip),
                     out_shardings=state_sh)(params)
     print(f"Initialised parameters from {tcfg.init_from} (objective now {exp.objective.kind!r}).")
   run_dir_lib.write_config(run_dir, exp.raw)
@@ -139,6 +140,9 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
   bar = _progress(start_step, total_steps, enabled=progress)
   cleanup.callback(bar.close)
   eval_fn = sharding.under_mesh(evaluate_lib.make_jitted_eval(model, exp.objective), mesh, exp.rules)
+  clip_every = clip_search_lib.search_every(exp.objective, tcfg.eval_every)  # 0: no clipped-schedule search
+  per_block_fn = (sharding.under_mesh(clip_search_lib.make_per_block_fn(model, exp.objective), mesh, exp.rules)
+                  if clip_every else None)
   put = lambda b: data_lib.to_global_batch(b, batch_sh)
   save = lambda s, **kw: ckpt.save(s, state, data_iter=train_iter, config_dict=exp.raw.to_dict(), **kw)
   last, t0, last_logged = {}, time.time(), start_step
@@ -177,6 +181,15 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
       metrics_log.write({"step": done, **{f"eval/{k}": v for k, v in ev.items()}})
       bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float)))
       last.update({f"eval/{k}": v for k, v in ev.items()})
+    if clip_every and done % clip_every == 0 and done < total_steps:  # before the save: checkpoints hold the interval
+      state, sched = clip_search_lib.run(state, eval_batches(exp, tok), exp.objective, per_block_fn=per_block_fn,
+                                         step=done, clip_sharding=state_sh.clip, put_batch=put)
+      for k, v in sched.items():
+        writer.add_scalar(k, v, done)
+      metrics_log.write({"step": done, **sched})
+      bar.write(f"step {done}: training now draws t in [{sched['schedule/clip_low']:g}, "
+                f"{sched['schedule/clip_high']:g}] (per-block NELBO variance {sched['schedule/min_variance']:.4g})")
+      last.update(sched)
     if save(micro + 1):
       last_saved = micro + 1
     if stop.requested:  # SIGTERM (preemption, launch/tpu_vm.sh stop): save this step once, then leave the loop
@@ -199,11 +212,12 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
   return last
 
 
-def create_state(model, tx, mesh, rules, *, seed: int, ema: bool):
-  """A TrainState created directly in its shardings; returns (state, state shardings, abstract state)."""
+def create_state(model, tx, mesh, rules, *, seed: int, ema: bool, clip=None):
+  """A TrainState created directly in its shardings; returns (state, state shardings, abstract state).
+  ``clip``: the starting noise interval of ``objective.clip_search`` (:func:`clip_search.initial_clip`)."""
   abstract_params, param_sh = sharding.abstract_params_and_shardings(model, mesh, rules)
   params = sharding.init_sharded_params(model, mesh, jax.random.key(seed), rules)
-  make = lambda p: train_state_lib.TrainState.create(p, tx, jax.random.key(seed + 1), use_ema=ema)
+  make = lambda p: train_state_lib.TrainState.create(p, tx, jax.random.key(seed + 1), use_ema=ema, clip=clip)
   abstract_state = jax.eval_shape(make, abstract_params)
   state_sh = train_state_lib.state_shardings(abstract_state, param_sh, mesh)
   state = jax.jit(make, out_shardings=state_sh)(params)
