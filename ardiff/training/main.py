@@ -2,7 +2,7 @@
 
 What a run directory holds: ``checkpoints/`` (orbax: state + data iterator + config), ``tb/`` (TensorBoard),
 ``metrics.jsonl`` (one line per logged step), ``samples.txt`` and ``loss.png`` at the end, ``config.json``; its
-format is read and written in :mod:`ardiff.training.run_dir`. Faults: SIGTERM saves the current step once and exits
+format is read and written in :mod:`ardiff.checkpoints.run_dir`. Faults: SIGTERM saves the current step once and exits
 0; a corrupt latest checkpoint is moved aside and the previous one resumed, with ``metrics.jsonl`` and TensorBoard
 rewound to it; a non-finite update is refused and the last good state saved.
 """
@@ -22,15 +22,16 @@ import ml_collections
 from ardiff import data as data_lib
 from ardiff import experiment as experiment_lib
 from ardiff import objectives, sharding
+from ardiff.checkpoints import checkpointer as checkpoint_lib
+from ardiff.checkpoints import run_dir as run_dir_lib
 from ardiff.model import Transformer
-from ardiff.training import checkpoint as checkpoint_lib
 from ardiff.training import clip_search as clip_search_lib
 from ardiff.training import evaluate as evaluate_lib
 from ardiff.training import optimizer as optimizer_lib
-from ardiff.training import run_dir as run_dir_lib
 from ardiff.training import train_state as train_state_lib
-# The run-directory readers live in run_dir.py; re-exported because README/Colab call them from here.
-from ardiff.training.run_dir import load_params, load_run, read_config, restore_params  # noqa: F401
+# The run-directory readers live in ardiff/checkpoints/run_dir.py; re-exported because README/Colab call them from
+# here.
+from ardiff.checkpoints.run_dir import load_params, load_run, read_config, restore_params  # noqa: F401
 
 _read_config = read_config  # the old private name
 
