@@ -132,9 +132,7 @@ def _check_on_devices(exp: Experiment, devices) -> None:
   if micro % dp:
     raise ValueError(f"train.batch_size={exp.train.batch_size} (micro-batch {micro}) is not divisible by the "
                      f"data-parallel size data*fsdp={dp} of mesh {sizes}; use a multiple of {dp}.")
-  for name in ("num_heads", "num_kv_heads", "mlp_dim"):
-    if getattr(exp.model, name) % sizes["tensor"]:
-      raise ValueError(f"model.{name}={getattr(exp.model, name)} is not divisible by mesh.tensor={sizes['tensor']}.")
+  sharding.check_divisibility(exp.model, sizes, exp.rules)
 
 
 def parse_config_args(arg: str | None, defaults: Mapping[str, Any], config_file: str) -> dict:

@@ -117,22 +117,27 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp")))
 
 
-def check_divisibility(config, mesh, batch_size: int) -> None:
-  """Raise a clear ValueError when the model/batch cannot be split evenly on ``mesh``."""
-  shape = dict(mesh.shape)
-  d, f, t = shape.get("data", 1), shape.get("fsdp", 1), shape.get("tensor", 1)
+# ardiff/model.py's logical parameter axes and the model dimension each one has.
+MODEL_DIMS = (("embed", "embed_dim"), ("mlp", "mlp_dim"), ("heads", "num_heads"), ("kv_heads", "num_kv_heads"),
+              ("vocab", "vocab_size"))
+
+
+def check_divisibility(model_cfg, mesh_sizes, rules=DEFAULT_RULES) -> None:
+  """A clear ValueError unless every model dimension splits evenly over the mesh axes that ``rules`` map its
+  logical axis to (jax refuses uneven shardings, with an IndivisibleError from deep inside jit).
+
+  ``mesh_sizes``: ``{"data": d, "fsdp": f, "tensor": t}`` (``dict(mesh.shape)``)."""
+  rule = dict(rules)
   errors = []
-  if batch_size % (d * f):
-    errors.append(f"batch size {batch_size} is not divisible by data*fsdp = {d}*{f} = {d * f}")
-  for name in ("num_heads", "num_kv_heads", "mlp_dim", "vocab_size"):
-    v = getattr(config, name)
-    if v % t:
-      errors.append(f"model.{name}={v} is not divisible by mesh tensor={t}")
-  if config.embed_dim % f:
-    errors.append(f"model.embed_dim={config.embed_dim} is not divisible by mesh fsdp={f}")
+  for logical, field in MODEL_DIMS:
+    axes = rule.get(logical)
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    value = getattr(model_cfg, field)
+    if value % math.prod(mesh_sizes.get(a, 1) for a in axes):
+      split = "*".join(f"mesh.{a}={mesh_sizes.get(a, 1)}" for a in axes)
+      errors.append(f"model.{field}={value} is not divisible by {split}")
   if errors:
-    raise ValueError(f"Cannot shard on mesh {shape}: " + "; ".join(errors) + ". Change the mesh shape "
-                     "(--mesh) or the model/batch sizes.")
+    raise ValueError("; ".join(errors) + ". Change the mesh shape or the model sizes.")
 
 
 def replicated_fraction(params) -> float:

@@ -87,14 +87,30 @@ def test_sharded_forward_and_grads_match_single_device(setup):
 
 
 def test_divisibility_errors_are_clear():
-  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-  sharding.check_divisibility(CFG, mesh, batch_size=8)
-  with pytest.raises(ValueError, match=r"batch size 6 is not divisible by data\*fsdp = 2\*2 = 4"):
-    sharding.check_divisibility(CFG, mesh, batch_size=6)
+  sizes = dict(sharding.make_mesh(data=2, fsdp=2, tensor=2).shape)
+  sharding.check_divisibility(CFG, sizes)
   bad = CFG.replace(num_heads=3, num_kv_heads=1, vocab_size=63, mask_token_id=62)
   with pytest.raises(ValueError) as e:
-    sharding.check_divisibility(bad, mesh, batch_size=8)
-  for part in ("num_heads=3", "num_kv_heads=1", "vocab_size=63", "tensor=2"):
+    sharding.check_divisibility(bad, sizes)
+  for part in ("model.num_heads=3 is not", "model.num_kv_heads=1 is not", "model.vocab_size=63 is not",
+               "mesh.tensor=2"):
     assert part in str(e.value)
-  with pytest.raises(ValueError, match="embed_dim=31 is not divisible by mesh fsdp=2"):
-    sharding.check_divisibility(CFG.replace(embed_dim=31), mesh, batch_size=8)
+  with pytest.raises(ValueError, match="model.embed_dim=31 is not divisible by mesh.fsdp=2"):
+    sharding.check_divisibility(CFG.replace(embed_dim=31), sizes)
+  # the rules decide: vocab replicated instead of split over tensor, or split over fsdp*tensor
+  rules = dict(sharding.DEFAULT_RULES)
+  sharding.check_divisibility(bad.replace(num_heads=4, num_kv_heads=2), sizes, tuple({**rules, "vocab": None}.items()))
+  with pytest.raises(ValueError, match=r"model.mlp_dim=6 is not divisible by mesh.fsdp=2\*mesh.tensor=2"):
+    sharding.check_divisibility(CFG.replace(mlp_dim=6), sizes, tuple({**rules, "mlp": ("fsdp", "tensor")}.items()))
+
+
+def test_validate_refuses_a_model_dim_the_mesh_cannot_split():
+  """experiment.validate runs the same check up front: the byte vocabulary (259 ids) cannot be split over tensor=2
+  (without it, jax stops with an IndivisibleError from inside the parameter init)."""
+  from ardiff import experiment
+  c = experiment.base_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 2
+  with pytest.raises(ValueError, match="model.vocab_size=259 is not divisible by mesh.tensor=2"):
+    experiment.validate(c, devices=jax.devices())
+  c.model.vocab_size = 260
+  experiment.validate(c, devices=jax.devices())

@@ -142,7 +142,7 @@ def test_sharded_model_train_step_reduces_loss():
   model = Transformer(cfg)
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   b, l = 8, 16
-  sharding.check_divisibility(cfg, mesh, b)
+  sharding.check_divisibility(cfg, dict(mesh.shape))
   ex = jnp.zeros((2, l), jnp.int32)
   abstract_p, psh = sharding.abstract_params_and_shardings(model, mesh, example_tokens=ex)
   params = sharding.init_sharded_params(model, mesh, jax.random.key(0), example_tokens=ex)
