@@ -11,12 +11,12 @@ from ardiff.objectives import base
 
 def ar_nll(params, batch, *, model: Transformer):
   """Summed next-token NLL and the number of targets. Targets never cross a document boundary."""
-  b = base.prepare_batch(batch)
-  out = model.apply({"params": params}, b.tokens, mask=masks.Causal(), positions=b.positions,
-                    segment_ids=b.segment_ids)
+  pb = base.prepare_batch(batch)
+  out = model.apply({"params": params}, pb.tokens, mask=masks.Causal(), positions=pb.positions,
+                    segment_ids=pb.segment_ids)
   lp = base.log_probs(out.logits[:, :-1], model.config.mask_token_id)
-  nll = base.gather_nll(lp, b.tokens[:, 1:])
-  valid = b.loss_mask[:, 1:] & ~base.document_starts(b.segment_ids)[:, 1:]
+  nll = base.gather_nll(lp, pb.tokens[:, 1:])
+  valid = pb.loss_mask[:, 1:] & ~base.document_starts(pb.segment_ids)[:, 1:]
   return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
 

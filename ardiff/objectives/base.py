@@ -106,6 +106,8 @@ class ObjectiveConfig:
 
 
 class Batch(NamedTuple):
+  """A prepared batch (:func:`prepare_batch`; the objectives call it ``pb``), every field ``[b, l]``."""
+
   tokens: jax.Array
   segment_ids: jax.Array
   positions: jax.Array
@@ -116,15 +118,15 @@ def prepare_batch(batch: Mapping[str, jax.Array]) -> Batch:
   tokens = jnp.asarray(batch["tokens"], jnp.int32)
   if tokens.ndim != 2:
     raise ValueError(f"batch['tokens'] must be [batch, length], got shape {tokens.shape}.")
-  b, l = tokens.shape
+  shape = tokens.shape
   seg = batch.get("segment_ids")
-  seg = jnp.ones((b, l), jnp.int32) if seg is None else jnp.asarray(seg, jnp.int32)
+  seg = jnp.ones(shape, jnp.int32) if seg is None else jnp.asarray(seg, jnp.int32)
   pos = batch.get("positions")
-  pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)) if pos is None else jnp.asarray(pos, jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape) if pos is None else jnp.asarray(pos, jnp.int32)
   lm = batch.get("loss_mask")
   lm = (seg != 0) if lm is None else (jnp.asarray(lm) != 0) & (seg != 0)
   for name, arr in (("segment_ids", seg), ("positions", pos), ("loss_mask", lm)):
-    if arr.shape != (b, l):
+    if arr.shape != shape:
       raise ValueError(f"batch[{name!r}] has shape {arr.shape}; it must match tokens {tokens.shape}.")
   return Batch(tokens, seg, pos, lm)
 

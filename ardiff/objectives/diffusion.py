@@ -27,12 +27,12 @@ class Noise(NamedTuple):
   weight: jax.Array  # float32 [b, l]: weight on the CE of each masked token
 
 
-def maskable_tokens(b: base.Batch, cfg: base.ObjectiveConfig) -> jax.Array:
+def maskable_tokens(pb: base.Batch, cfg: base.ObjectiveConfig) -> jax.Array:
   """Targets that may be noised: loss-mask tokens, minus document starts (BOS never masked; with token shift a
   document's first token has no predecessor to predict it)."""
-  maskable = b.loss_mask
+  maskable = pb.loss_mask
   if cfg.ignore_bos or cfg.token_shift:
-    maskable = maskable & ~base.document_starts(b.segment_ids)
+    maskable = maskable & ~base.document_starts(pb.segment_ids)
   return maskable
 
 
@@ -69,21 +69,21 @@ def sample_noise_count(rng, maskable, block_size: int) -> Noise:
   return Noise(masked.reshape(bsz, length), weight.reshape(bsz, length))
 
 
-def diffusion_logits(params, b: base.Batch, masked, *, model: Transformer, cfg: base.ObjectiveConfig,
+def diffusion_logits(params, pb: base.Batch, masked, *, model: Transformer, cfg: base.ObjectiveConfig,
                      force_two_stream: bool = False) -> jax.Array:
   """``float32[b, l, vocab]``: the logits that predict each position's clean token from ``x_t``."""
   mask_id = model.config.mask_token_id
   if mask_id is None:
     raise ValueError("Diffusion objectives need model.mask_token_id (the [MASK] token id).")
-  length = b.tokens.shape[1]
-  x_t = jnp.where(masked, mask_id, b.tokens)
+  length = pb.tokens.shape[1]
+  x_t = jnp.where(masked, mask_id, pb.tokens)
   if length == cfg.block_size and not cfg.token_shift and not force_two_stream:
-    return model.apply({"params": params}, x_t, mask=masks.Full(), positions=b.positions,
-                       segment_ids=b.segment_ids).logits  # MDLM: nothing clean to attend to
-  out = model.apply({"params": params}, jnp.concatenate([x_t, b.tokens], axis=1),
+    return model.apply({"params": params}, x_t, mask=masks.Full(), positions=pb.positions,
+                       segment_ids=pb.segment_ids).logits  # MDLM: nothing clean to attend to
+  out = model.apply({"params": params}, jnp.concatenate([x_t, pb.tokens], axis=1),
                     mask=masks.BD3(length, cfg.block_size),
-                    positions=jnp.concatenate([b.positions, b.positions], axis=1),
-                    segment_ids=jnp.concatenate([b.segment_ids, b.segment_ids], axis=1))
+                    positions=jnp.concatenate([pb.positions, pb.positions], axis=1),
+                    segment_ids=jnp.concatenate([pb.segment_ids, pb.segment_ids], axis=1))
   logits_t = out.logits[:, :length]
   if not cfg.token_shift:
     return logits_t
@@ -94,11 +94,11 @@ def diffusion_logits(params, b: base.Batch, masked, *, model: Transformer, cfg: 
   return jnp.where(block_start, shift(out.logits[:, length:]), shift(logits_t))
 
 
-def nll_terms(params, b: base.Batch, noise: Noise, *, model: Transformer, cfg: base.ObjectiveConfig,
+def nll_terms(params, pb: base.Batch, noise: Noise, *, model: Transformer, cfg: base.ObjectiveConfig,
               force_two_stream: bool = False):
   """(weighted NLL sum, plain CE sum over masked tokens, number of masked tokens, per-token weighted NLL)."""
-  logits = diffusion_logits(params, b, noise.masked, model=model, cfg=cfg, force_two_stream=force_two_stream)
-  nll = base.gather_nll(base.log_probs(logits, model.config.mask_token_id), b.tokens)
+  logits = diffusion_logits(params, pb, noise.masked, model=model, cfg=cfg, force_two_stream=force_two_stream)
+  nll = base.gather_nll(base.log_probs(logits, model.config.mask_token_id), pb.tokens)
   weighted = jnp.where(noise.masked, noise.weight * nll, 0.0)
   ce = jnp.where(noise.masked, nll, 0.0)
   return jnp.sum(weighted), jnp.sum(ce), jnp.sum(noise.masked), weighted
@@ -107,19 +107,19 @@ def nll_terms(params, b: base.Batch, noise: Noise, *, model: Transformer, cfg: b
 def block_diffusion_loss(params, batch, rng, *, model: Transformer, cfg: base.ObjectiveConfig, clip=None):
   """``clip``: optional ``float32[2]`` ``[low, high]`` replacing ``[cfg.clip_low, cfg.clip_high]``. A traced
   array, so the trainer can move the interval (``objective.clip_search``) without recompiling the step."""
-  b = base.prepare_batch(batch)
-  cfg.check_seq_len(b.tokens.shape[1])
-  maskable = maskable_tokens(b, cfg)
+  pb = base.prepare_batch(batch)
+  cfg.check_seq_len(pb.tokens.shape[1])
+  maskable = maskable_tokens(pb, cfg)
   low, high = (None, None) if clip is None else (clip[0], clip[1])
   noise, p = sample_noise_t(rng, maskable, cfg, low=low, high=high)
   n_maskable = jnp.sum(maskable)
   if cfg.complementary_masks:
     # Fast-dLLM v2: a second view masks exactly the complement, so every maskable token is supervised once.
     comp = Noise(maskable & ~noise.masked, schedules.loss_weight(jnp.maximum(1.0 - p, 1e-6), cfg.weighting))
-    b = base.Batch(*(jnp.concatenate([x, x], axis=0) for x in b))
+    pb = base.Batch(*(jnp.concatenate([x, x], axis=0) for x in pb))
     noise = Noise(*(jnp.concatenate([x, y], axis=0) for x, y in zip(noise, comp)))
     n_maskable = 2 * n_maskable
-  w_sum, ce_sum, n_masked, _ = nll_terms(params, b, noise, model=model, cfg=cfg)
+  w_sum, ce_sum, n_masked, _ = nll_terms(params, pb, noise, model=model, cfg=cfg)
   if cfg.weighting == "none":
     loss = ce_sum / jnp.maximum(n_masked, 1)
   else:
@@ -131,11 +131,11 @@ def block_diffusion_loss(params, batch, rng, *, model: Transformer, cfg: base.Ob
 
 def block_diffusion_eval(params, batch, rng, *, model: Transformer, cfg: base.ObjectiveConfig):
   """Sums for the exact NELBO (count estimator over the full [0, 1] range; never the training clip)."""
-  b = base.prepare_batch(batch)
-  cfg.check_seq_len(b.tokens.shape[1])
-  maskable = maskable_tokens(b, cfg)
+  pb = base.prepare_batch(batch)
+  cfg.check_seq_len(pb.tokens.shape[1])
+  maskable = maskable_tokens(pb, cfg)
   noise = sample_noise_count(rng, maskable, cfg.block_size)
-  w_sum, _, _, _ = nll_terms(params, b, noise, model=model, cfg=cfg)
+  w_sum, _, _, _ = nll_terms(params, pb, noise, model=model, cfg=cfg)
   return {"nelbo_sum": w_sum, "num_targets": jnp.sum(maskable)}
 
 
@@ -148,12 +148,12 @@ def per_block_nelbo(params, batch, rng, *, model: Transformer, cfg: base.Objecti
   ``nll.reshape(b, -1, B).mean(-1)``), and whether the block has any maskable token (all-padding blocks carry
   no information about the schedule and are left out of the variance).
   """
-  b = base.prepare_batch(batch)
-  cfg.check_seq_len(b.tokens.shape[1])
+  pb = base.prepare_batch(batch)
+  cfg.check_seq_len(pb.tokens.shape[1])
   nelbo_cfg = dataclasses.replace(cfg, weighting="nelbo")
-  maskable = maskable_tokens(b, cfg)
+  maskable = maskable_tokens(pb, cfg)
   noise, _ = sample_noise_t(rng, maskable, nelbo_cfg, low=low, high=high)
-  _, _, _, weighted = nll_terms(params, b, noise, model=model, cfg=nelbo_cfg)
+  _, _, _, weighted = nll_terms(params, pb, noise, model=model, cfg=nelbo_cfg)
   bsz, length = weighted.shape
   blocks = (bsz, length // cfg.block_size, cfg.block_size)
   return jnp.mean(weighted.reshape(blocks), axis=-1), jnp.any(maskable.reshape(blocks), axis=-1)

@@ -19,19 +19,19 @@ def tidar_terms(params, batch, *, model: Transformer, cfg: base.ObjectiveConfig)
   mask_id = model.config.mask_token_id
   if mask_id is None:
     raise ValueError("TiDAR needs model.mask_token_id (the draft slots are [MASK] tokens).")
-  b = base.prepare_batch(batch)
-  cfg.check_seq_len(b.tokens.shape[1])
-  length = b.tokens.shape[1]
-  draft = jnp.full_like(b.tokens, mask_id)
-  out = model.apply({"params": params}, jnp.concatenate([b.tokens, draft], axis=1),
+  pb = base.prepare_batch(batch)
+  cfg.check_seq_len(pb.tokens.shape[1])
+  length = pb.tokens.shape[1]
+  draft = jnp.full_like(pb.tokens, mask_id)
+  out = model.apply({"params": params}, jnp.concatenate([pb.tokens, draft], axis=1),
                     mask=masks.TiDARTrain(length, cfg.block_size),
-                    positions=jnp.concatenate([b.positions, b.positions], axis=1),
-                    segment_ids=jnp.concatenate([b.segment_ids, b.segment_ids], axis=1))
+                    positions=jnp.concatenate([pb.positions, pb.positions], axis=1),
+                    segment_ids=jnp.concatenate([pb.segment_ids, pb.segment_ids], axis=1))
   lp = base.log_probs(out.logits, mask_id)
-  ar_nll = base.gather_nll(lp[:, :length - 1], b.tokens[:, 1:])
-  ar_valid = b.loss_mask[:, 1:] & ~base.document_starts(b.segment_ids)[:, 1:]
-  diff_nll = base.gather_nll(lp[:, length:], b.tokens)
-  diff_valid = maskable_tokens(b, cfg)
+  ar_nll = base.gather_nll(lp[:, :length - 1], pb.tokens[:, 1:])
+  ar_valid = pb.loss_mask[:, 1:] & ~base.document_starts(pb.segment_ids)[:, 1:]
+  diff_nll = base.gather_nll(lp[:, length:], pb.tokens)
+  diff_valid = maskable_tokens(pb, cfg)
   return (jnp.sum(jnp.where(ar_valid, ar_nll, 0.0)), jnp.sum(ar_valid),
           jnp.sum(jnp.where(diff_valid, diff_nll, 0.0)), jnp.sum(diff_valid))
 
