@@ -225,3 +225,30 @@ def test_loss_plot_shows_every_curve_in_nats_and_keeps_the_backend(tmp_path):
   assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert matplotlib.get_backend() == backend
   assert ("matplotlib.pyplot" in sys.modules) == pyplot_loaded  # no pyplot: it would pick/switch a backend
+
+
+def tensorboard_scalars(tb_dir, tag: str) -> list:
+  """``[(step, value), ...]`` of ``tag`` as TensorBoard shows it (its own reader, purges applied), in file order."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  acc = EventAccumulator(str(tb_dir))
+  acc.Reload()
+  return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_shows_each_step_once_after_resuming_from_an_earlier_step(tmp_path, data_dir):
+  """A run stopped at step 6 whose step-6 checkpoint is then damaged resumes from step 4 and replays steps 5 and 6:
+  the events the first run logged for them are purged (purge_step), so TensorBoard shows steps 1..8 once each, with
+  the values metrics.jsonl keeps."""
+  run_dir = tmp_path / "run"
+  c = _config(run_dir, data_dir)
+  c.train.update(num_steps=9, log_every=1, save_every=4, eval_every=100)  # never reached: no eval compile
+  train_main.train(c, progress=False, stop_after=6)
+  assert [s for s, _ in tensorboard_scalars(run_dir / "tb", "train/loss")] == [1, 2, 3, 4, 5, 6]
+  _truncate_arrays(run_dir / "checkpoints" / "6")
+  with pytest.warns(RuntimeWarning, match="step 6"):
+    train_main.train(c, progress=False, stop_after=8)
+  shown = tensorboard_scalars(run_dir / "tb", "train/loss")
+  assert [s for s, _ in shown] == list(range(1, 9)), shown  # without the purge: 1..6, 5, 6, 7, 8
+  kept = {r["step"]: r["loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "loss" in r}
+  assert sorted(kept) == list(range(1, 9))
+  np.testing.assert_allclose([v for _, v in shown], [kept[s] for s in range(1, 9)], rtol=1e-6)  # float32 events

@@ -16,6 +16,9 @@ wherever a run directory is read.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from typing import Optional, Tuple
 
 import jax
@@ -25,7 +28,7 @@ from ardiff import experiment as experiment_lib
 from ardiff import sharding
 from ardiff.checkpoints import params_dir as params_lib
 from ardiff.checkpoints.checkpointer import MissingItemError, restore_latest
-from ardiff.checkpoints.paths import as_path
+from ardiff.checkpoints.paths import as_path, is_url
 from ardiff.config import ModelConfig
 from ardiff.model import Transformer
 
@@ -190,3 +193,46 @@ class MetricsLog:
     if self._file is not None:
       self._file.close()
       self._file = None
+
+
+# ------------------------------------------------------------------------------------------------- TensorBoard
+class TensorBoard:
+  """tensorboardX's ``SummaryWriter`` on ``run_dir/tb`` for a run starting at ``start_step``.
+
+  ``purge_step=start_step + 1``: TensorBoard discards the events earlier writers logged after ``start_step`` (the
+  steps a killed or crashed run logged after its last checkpoint, about to be replayed), so every step shows once.
+  tensorboardX writes local files only (``gs://`` needs google-cloud-storage; any other URL would become a local
+  ``./gs:/...`` directory), so for a URL run directory the events go to a local temporary directory and are copied
+  to ``run_dir/tb`` by :meth:`flush` and :meth:`close`.
+  """
+
+  def __init__(self, run_dir, start_step: int):
+    from tensorboardX import SummaryWriter
+    self.directory = as_path(run_dir) / TB_DIR
+    self._staging = tempfile.mkdtemp(prefix="ardiff-tb-") if is_url(self.directory) else None
+    self._writer = SummaryWriter(self._staging or str(self.directory),
+                                 purge_step=start_step + 1 if start_step else None)
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    self._writer.add_scalar(tag, value, step)
+
+  def flush(self) -> None:
+    self._writer.flush()
+    self._upload()
+
+  def close(self) -> None:
+    if self._writer is None:
+      return
+    self._writer.close()  # drains tensorboardX's queue: every event is in the local file now
+    self._writer = None
+    self._upload()
+    if self._staging is not None:
+      shutil.rmtree(self._staging, ignore_errors=True)
+
+  def _upload(self) -> None:
+    if self._staging is None:
+      return
+    self.directory.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(self._staging):  # whole files: an object store cannot append
+      with open(os.path.join(self._staging, name), "rb") as f:
+        (self.directory / name).write_bytes(f.read())

@@ -127,11 +127,10 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
 
   # Records after the restored step belong to steps about to be replayed: drop them (metrics.jsonl) and tell
   # TensorBoard to discard its later events (purge_step), so a rerun never duplicates a step.
-  from tensorboardX import SummaryWriter
   start_step = start // accum
   metrics_log = run_dir_lib.MetricsLog(run_dir / run_dir_lib.METRICS_FILE, start_step)
   cleanup.callback(metrics_log.close)
-  writer = SummaryWriter(str(run_dir / run_dir_lib.TB_DIR), purge_step=start_step + 1 if start_step else None)
+  writer = run_dir_lib.TensorBoard(run_dir, start_step)  # purge_step; staged locally for a URL run_dir
   cleanup.callback(writer.close)
   total_steps = tcfg.num_steps
   num_steps = total_steps if stop_after is None else min(total_steps, stop_after)
