@@ -3,6 +3,7 @@ the traced interval of the loss and the train state, its config checks, and a tr
 
 import json
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,14 +119,37 @@ def test_train_step_passes_the_state_interval_to_the_loss():
   params = {"w": jnp.ones((3,))}
   tx = optax.sgd(0.1)
   plain = train_state.TrainState.create(params, tx, jax.random.key(0))
-  assert plain.clip is None and len(jax.tree.leaves(plain)) == 3  # no new leaf: old checkpoints still restore
+  assert type(plain) is train_state.TrainState
   step = jax.jit(train_state.make_train_step(loss_fn, tx))
   _, m_plain = step(plain, {})
   with_clip = train_state.TrainState.create(params, tx, jax.random.key(0), clip=jnp.array([0.1, 0.5]))
+  assert isinstance(with_clip, train_state.ClippedTrainState)
   new, m_clip = step(with_clip, {})
   assert seen[0] is None and seen[1] is not None
   np.testing.assert_allclose(float(m_clip["loss"]), 0.5 * float(m_plain["loss"]), rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(new.clip), np.float32([0.1, 0.5]))
+
+
+class _StateBeforeClipSearch(flax.struct.PyTreeNode):
+  """TrainState as it was before the clipped-schedule search existed."""
+  step: jax.Array
+  params: dict
+  opt_state: tuple
+  ema_params: dict
+  rng: jax.Array
+
+
+def test_a_checkpoint_written_before_the_search_existed_still_restores(tmp_path):
+  from ardiff.checkpoints.checkpointer import Checkpointer
+  params, tx = {"w": jnp.arange(6.0).reshape(2, 3)}, optax.adam(1e-3)
+  state = train_state.TrainState.create(params, tx, jax.random.key(1))
+  old = _StateBeforeClipSearch(state.step, state.params, state.opt_state, state.ema_params, state.rng)
+  with Checkpointer(str(tmp_path / "ckpt")) as ckpt:
+    ckpt.save(3, old, force=True)
+    step, restored = ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                               state))
+  assert step == 3 and type(restored) is train_state.TrainState
+  np.testing.assert_array_equal(np.asarray(restored.params["w"]), np.asarray(params["w"]))
 
 
 @pytest.mark.parametrize("fields,message", [

@@ -17,16 +17,23 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   ema_params: Optional[Any]
   rng: jax.Array
-  # float32[2] [low, high] noise interval that objective.clip_search moves during training (passed to the loss as
-  # ``clip=``); None without the search, so such a state (and its checkpoints) is exactly what it was before.
-  clip: Optional[jax.Array] = None
 
   @classmethod
   def create(cls, params, tx: optax.GradientTransformation, rng, use_ema: bool = False,
              clip: Optional[jax.Array] = None) -> "TrainState":
+    """A fresh state; with ``clip`` (``objective.clip_search``) a :class:`ClippedTrainState`."""
     ema = jax.tree.map(jnp.copy, params) if use_ema else None
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema, rng=rng,
-               clip=clip)
+    fields = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema, rng=rng)
+    return TrainState(**fields) if clip is None else ClippedTrainState(**fields, clip=clip)
+
+
+class ClippedTrainState(TrainState):
+  """A TrainState that also carries the noise interval ``objective.clip_search`` moves during training.
+
+  A class of its own rather than an optional field: orbax records even a None field in the checkpoint's tree, so a
+  ``clip=None`` field would make every checkpoint written before it unrestorable."""
+
+  clip: jax.Array  # float32[2] [low, high], passed to the loss as ``clip=`` (traced: moving it never recompiles)
 
 
 def state_shardings(abstract_state: TrainState, param_shardings, mesh) -> TrainState:
@@ -42,9 +49,11 @@ def state_shardings(abstract_state: TrainState, param_shardings, mesh) -> TrainS
     return jax.tree.map(lambda _: replicated, x)
 
   opt_sh = jax.tree.map(opt_map, abstract_state.opt_state, is_leaf=is_param_tree)
-  return TrainState(step=replicated, params=param_shardings, opt_state=opt_sh,
-                    ema_params=None if abstract_state.ema_params is None else param_shardings, rng=replicated,
-                    clip=None if abstract_state.clip is None else replicated)
+  fields = dict(step=replicated, params=param_shardings, opt_state=opt_sh,
+                ema_params=None if abstract_state.ema_params is None else param_shardings, rng=replicated)
+  if isinstance(abstract_state, ClippedTrainState):
+    return ClippedTrainState(**fields, clip=replicated)
+  return TrainState(**fields)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -56,7 +65,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_dec
                     lr_schedule: Optional[Callable] = None, grad_accum_steps: int = 1):
   """``(state, batch) -> (state, metrics)``; pure, jit-able.
 
-  ``loss_fn(params, batch, rng) -> (loss, metrics)``; a state with a ``clip`` interval calls
+  ``loss_fn(params, batch, rng) -> (loss, metrics)``; a :class:`ClippedTrainState` calls
   ``loss_fn(params, batch, rng, clip=state.clip)``. If the loss, gradients, grad norm or updated parameters are
   not finite the OLD state is returned unchanged and ``metrics['nonfinite'] == 1``; the caller should stop and save.
   With ``optax.MultiSteps`` (grad_accum_steps > 1) each call is one micro-step; EMA moves only on real updates.
@@ -64,7 +73,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_dec
 
   def step_fn(state: TrainState, batch):
     rng, step_rng = jax.random.split(state.rng)
-    kwargs = {} if state.clip is None else {"clip": state.clip}
+    kwargs = {"clip": state.clip} if isinstance(state, ClippedTrainState) else {}
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_rng, **kwargs)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
