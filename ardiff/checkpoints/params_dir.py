@@ -18,16 +18,20 @@ only its own slice of a safetensors tensor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from typing import Any, Mapping, Optional, Tuple
+import tempfile
+from typing import Any, Iterator, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
+from etils import epath
 
 from ardiff.checkpoints import staging as io_lib
 from ardiff.checkpoints import tree_io
+from ardiff.checkpoints.paths import as_path, is_url
 from ardiff.config import ModelConfig
 from ardiff.model import abstract_params
 
@@ -43,8 +47,7 @@ WEIGHT_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_h
 
 
 def is_params_dir(path) -> bool:
-  from etils import epath  # local paths and URLs alike
-  return (epath.Path(io_lib.clean_path(path)) / MODEL_CONFIG_FILE).exists()
+  return (as_path(path) / MODEL_CONFIG_FILE).exists()  # local paths and URLs alike
 
 
 def check_compatible(source: ModelConfig, target: ModelConfig, where: str) -> None:
@@ -130,7 +133,6 @@ def resolve_tokenizer_path(config, base_dir: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------- read
 def read_meta(path) -> dict:
-  from etils import epath
   path = io_lib.clean_path(path)
   meta_path = epath.Path(path) / MODEL_CONFIG_FILE
   if not meta_path.exists():
@@ -168,10 +170,11 @@ def load_params_dir(path, *, mesh=None, rules=None, target: Optional[ModelConfig
     _, shardings = sharding_lib.abstract_params_and_shardings(Transformer(cfg), mesh,
                                                               rules or sharding_lib.DEFAULT_RULES)
   if meta["format"] == "safetensors":
-    return cfg, _read_safetensors(os.path.join(path, SAFETENSORS_FILE), abstract, shardings)
+    with _local_file(as_path(path) / SAFETENSORS_FILE) as file:
+      return cfg, _read_safetensors(file, abstract, shardings)
   import orbax.checkpoint as ocp
-  ckpt = os.path.join(path, ORBAX_DIR)
-  if not os.path.isdir(ckpt):
+  ckpt = as_path(path) / ORBAX_DIR  # orbax reads local paths and gs:// alike
+  if not ckpt.is_dir():
     raise FileNotFoundError(f"{ckpt} not found: the params directory {path} is incomplete.")
   if shardings is None:
     target_tree = abstract
@@ -184,6 +187,23 @@ def load_params_dir(path, *, mesh=None, rules=None, target: Optional[ModelConfig
     except (ValueError, KeyError) as e:
       raise ValueError(f"{ckpt} does not hold the parameters of {MODEL_CONFIG_FILE}'s model: {e}") from e
   return cfg, params
+
+
+@contextlib.contextmanager
+def _local_file(path) -> Iterator[str]:
+  """A local file name for ``path``: itself, or for a URL a temporary copy (safetensors reads local files only)."""
+  if not is_url(path):
+    yield os.fspath(path)
+    return
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: the params directory is incomplete.")
+  tmp = tempfile.mkdtemp(prefix="ardiff-params-")
+  try:
+    local = os.path.join(tmp, path.name)
+    path.copy(epath.Path(local))
+    yield local
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_safetensors(file: str, abstract, shardings) -> dict:
