@@ -58,13 +58,7 @@ def main(argv) -> int:
     print(f"error: unknown command {name!r}; use one of {', '.join(COMMANDS)}.\n\n{USAGE}", file=sys.stderr)
     return EXIT_USAGE
   module_name = COMMANDS[name][0]
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if e.name and module_name.startswith(e.name):
-      print(f"error: `ardiff {name}` is not available in this version ({module_name} is missing).", file=sys.stderr)
-      return EXIT_USAGE
-    raise
+  module = importlib.import_module(module_name)  # lazy: `ardiff sample` need not import the trainer
   try:
     return module.main([f"ardiff {name}"] + argv[2:]) or 0
   except SystemExit as e:  # argparse: --help (0) or a usage error it already printed (2)

@@ -260,15 +260,6 @@ def test_convert_rejects_bad_block_size_before_writing(tmp_path, run):
   assert not out.exists() and os.listdir(tmp_path) == []
 
 
-def test_stablehlo_hook_without_the_module(tmp_path, run, monkeypatch):
-  import sys
-  monkeypatch.setitem(sys.modules, "ardiff.export.stablehlo", None)  # as if the module were absent
-  with pytest.raises(NotImplementedError, match="needs ardiff/export/stablehlo.py"):
-    export_main.main(["ardiff export", "--run_dir", run[0], "--to", "stablehlo", "--out", str(tmp_path / "s"),
-                      "--max_len", "64", "--prompt_len", "8"])
-  assert not (tmp_path / "s").exists()
-
-
 def test_stablehlo_hook_passes_the_run_and_flags(tmp_path, run, monkeypatch):
   import sys
   import types

@@ -144,11 +144,8 @@ class Checkpointer:
     if kwargs:
       raise TypeError(f"Unknown Checkpointer arguments: {sorted(kwargs)}.")
     self.directory = as_path(directory)
-    handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
-    try:
-      handlers["data"] = _grain_checkpoint().CheckpointHandler()
-    except ImportError:  # pragma: no cover
-      pass
+    handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                "data": _grain_checkpoint().CheckpointHandler()}
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_every,
