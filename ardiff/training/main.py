@@ -33,8 +33,6 @@ from ardiff.training import train_state as train_state_lib
 # here.
 from ardiff.checkpoints.run_dir import load_params, load_run, read_config, restore_params  # noqa: F401
 
-_read_config = read_config  # the old private name
-
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               "configs", "default.py")
 
@@ -304,8 +302,6 @@ def plot_loss(metrics_path, out_path):
   run_dir_lib.as_path(out_path).write_bytes(buf.getvalue())
   return fig
 
-
-_plot_loss = plot_loss  # the old private name
 
 
 def main(argv) -> int:
