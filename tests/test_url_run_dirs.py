@@ -123,3 +123,14 @@ def test_a_gs_run_dir_trains_resumes_evaluates_and_exports_into_the_bucket(bucke
 
   assert os.listdir(cwd) == []  # no ./gs: directory
   assert not [p for p in _files(tmp_path) if "gs:" in p], [p for p in _files(tmp_path) if "gs:" in p]
+
+
+def test_a_dataset_prepared_in_a_bucket_is_found_there(bucket):
+  from ardiff.data import shakespeare
+  path = shakespeare.builder_dir("gs://bkt/data")
+  assert path == f"gs://bkt/data/{shakespeare.BUILDER_NAME}/{shakespeare.VERSION}"  # never made a local path
+  assert not shakespeare._is_prepared(path)
+  version_dir = bucket / "bkt" / "data" / shakespeare.BUILDER_NAME / shakespeare.VERSION
+  version_dir.mkdir(parents=True)
+  (version_dir / "dataset_info.json").write_text("{}")
+  assert shakespeare._is_prepared(path)  # so `ardiff train` does not prepare it again

@@ -132,7 +132,7 @@ def builder_dir(data_dir: str | None = None) -> str:
 
 
 def _is_prepared(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "dataset_info.json"))
+  return (epath.Path(path) / "dataset_info.json").exists()  # a local path or a URL (gs://...)
 
 
 def prepare(data_dir: str | None = None) -> str:
@@ -176,7 +176,7 @@ def data_source(name: str = "shakespeare", split: str = "train", data_dir: str |
             "(offline, a few seconds) or call ardiff.data.shakespeare.prepare(data_dir).")
       path = prepare(data_dir)
     return tfds.builder_from_directory(path).as_data_source(split=split)
-  if os.path.isfile(os.path.join(os.path.expanduser(name), "dataset_info.json")):
+  if _is_prepared(os.path.expanduser(name)):  # a prepared dataset directory, local or a URL
     return tfds.builder_from_directory(os.path.expanduser(name)).as_data_source(split=split)
 
   data_dir_msg = data_dir or default_data_dir()
