@@ -64,7 +64,7 @@ def collect(params, batches: Iterable[dict], candidates, *, per_block_fn: Callab
     raise ValueError("the clipped-schedule search got no validation batches: is the evaluation split empty? "
                      "Check data.eval_split, or set objective.clip_search=False.")
   if put_batch is not None:
-    batches = [put_batch(b) for b in batches]
+    batches = [put_batch(batch) for batch in batches]
   keys = [jax.random.fold_in(rng, j) for j in range(len(batches))]
   out = {}
   for lo, hi in candidates:
