@@ -92,7 +92,7 @@ def _assert_same_losses(run_dir, reference):
 
 
 def test_sigterm_and_kill_minus_9_around_async_saves_resume_bit_identically(tmp_path, data_dir, reference):
-  """One run interrupted four times (hooks in ardiff/training/checkpoint.py): SIGTERM between periodic saves (a
+  """One run interrupted four times (hooks in ardiff/checkpoints/checkpointer.py): SIGTERM between periodic saves (a
   preemption: one save, rc 0, its message), then kill -9 before a save starts, while its asynchronous write runs, and
   after its commit; then the latest step's arrays are truncated. Each rerun restores the last complete (sound) step;
   the finished run logs each step once and its losses equal the uninterrupted run's bit for bit."""

@@ -134,3 +134,15 @@ def test_a_dataset_prepared_in_a_bucket_is_found_there(bucket):
   version_dir.mkdir(parents=True)
   (version_dir / "dataset_info.json").write_text("{}")
   assert shakespeare._is_prepared(path)  # so `ardiff train` does not prepare it again
+
+
+def test_stablehlo_serving_refuses_a_url_instead_of_writing_a_local_gs_directory(tmp_path, monkeypatch):
+  from ardiff.config import ModelConfig
+  from ardiff.export import stablehlo
+  monkeypatch.chdir(tmp_path)
+  cfg = ModelConfig(vocab_size=16, embed_dim=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32)
+  with pytest.raises(ValueError, match="gs://bkt/serving is a URL.*--to stablehlo --out URL"):
+    stablehlo.export_serving(None, cfg, "gs://bkt/serving", max_len=8, prompt_len=4, block_size=None)
+  with pytest.raises(ValueError, match="gs://bkt/serving is a URL.*copy the export to a local directory"):
+    stablehlo.load_serving("gs://bkt/serving")
+  assert os.listdir(tmp_path) == []  # before: ./gs:/bkt/serving

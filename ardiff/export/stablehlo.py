@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ardiff import masks as masks_lib
+from ardiff.checkpoints import paths
 from ardiff.config import ModelConfig
 from ardiff.model import KVCache, Transformer, abstract_params
 from ardiff.sampling import ar as ar_lib
@@ -167,6 +168,7 @@ def export_serving(params, cfg: ModelConfig, out_dir: str, *, max_len: int, prom
   or a symbolic export fails. ``platforms``: lowering targets, e.g. ``("cpu", "cuda", "tpu")``; the artifact runs on
   any of them. ``functions``: a subset of the names to export (default all for this kind of model).
   """
+  out_dir = _local_dir(out_dir, "`ardiff export --to stablehlo --out URL` stages the export locally and uploads it")
   if not 1 <= prompt_len <= max_len:
     raise ValueError(f"need 1 <= prompt_len ({prompt_len}) <= max_len ({max_len}).")
   if block_size is not None and (block_size < 1 or cfg.mask_token_id is None):
@@ -192,7 +194,6 @@ def export_serving(params, cfg: ModelConfig, out_dir: str, *, max_len: int, prom
            "ar_step": lambda b: (sds((b,), jnp.int32),) + cache(b),
            "denoise_step": lambda b: (sds((b, block_size), jnp.int32),) + cache(b)}
   specs["write_block"] = specs["denoise_step"]
-  out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
   os.makedirs(out_dir, exist_ok=True)
   for name in names:
     exp, err = _export_one(fns[name], specs[name], params_abs, tuple(platforms), batch, symbolic_batch)
@@ -243,6 +244,14 @@ class Serving(NamedTuple):
     return self.exported[name].call(_plain(params), *args)
 
 
+def _local_dir(path, fix: str) -> str:
+  """``path`` expanded and made absolute; a URL is refused with ``fix`` (the artifacts use plain file I/O, and
+  ``abspath`` would turn ``gs://b/x`` into a local ``./gs:/b/x``)."""
+  if paths.is_url(path):
+    raise ValueError(f"{path} is a URL; StableHLO serving exports are written and read in local directories: {fix}.")
+  return paths.clean_path(path)
+
+
 def load_serving(out_dir: str, params=None) -> Serving:
   """Reads a directory written by :func:`export_serving`; with ``params`` also checks them (:func:`check_params`).
 
@@ -250,7 +259,7 @@ def load_serving(out_dir: str, params=None) -> Serving:
   version, or an artifact whose size/sha256 differs from the manifest (truncated/corrupt) or that fails to
   deserialize; each message names the file and the fix (re-run :func:`export_serving`).
   """
-  out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
+  out_dir = _local_dir(out_dir, "copy the export to a local directory first")
   fix = "re-run ardiff.export.stablehlo.export_serving into this directory"
   path = os.path.join(out_dir, MANIFEST_FILE)
   if not os.path.exists(path):
