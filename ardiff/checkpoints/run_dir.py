@@ -98,6 +98,22 @@ def restore_params(ckpt_dir, target, *, use_ema: bool = False):
   return params
 
 
+def save_params_checkpoint(params, ckpt_dir, step: int = 0) -> str:
+  """``{"params": params}`` as step ``step`` of an orbax checkpoint directory (``<run_dir>/checkpoints``): the
+  train-state layout without optimizer state, which :func:`restore_params` reads (``ardiff convert`` writes its run
+  directories so; ``init_from`` and ``ardiff eval`` take them). Returns the step's path."""
+  import orbax.checkpoint as ocp
+  ckpt_dir = as_path(ckpt_dir)
+  mngr = ocp.CheckpointManager(ckpt_dir, item_handlers={"state": ocp.StandardCheckpointHandler()},
+                               options=ocp.CheckpointManagerOptions(create=True))
+  try:
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})), force=True)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+  return str(ckpt_dir / str(step))
+
+
 def load_params(path, model: Transformer, mesh, rules):
   """Parameters for ``train.init_from``, on this mesh: the latest checkpoint of a run directory (``ardiff train``
   or ``ardiff convert``), a checkpoints directory, or a params directory (``ardiff export --to params``). Only

@@ -33,7 +33,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from ardiff.checkpoints import params_dir as params_lib
+from ardiff.checkpoints import run_dir as run_dir_lib
 from ardiff.checkpoints import staging as io_lib
+from ardiff.checkpoints.run_dir import save_params_checkpoint  # noqa: F401  (its old home)
 from ardiff.config import DTYPES, ModelConfig
 from ardiff.export import hf as hf_lib
 from ardiff.objectives.recipes import RECIPES  # written once there; also read by configs/finetune.py
@@ -116,18 +118,6 @@ def resolve_mask(cfg: ModelConfig, tokenizer: Optional[str], mask_token_id: Opti
 
 
 # ------------------------------------------------------------------------------------------------- convert
-def save_params_checkpoint(params, ckpt_dir: str, step: int = 0) -> str:
-  """``{"params": params}`` as step ``step`` of an orbax CheckpointManager directory (the train-state layout
-  that :func:`ardiff.checkpoints.run_dir.restore_params` reads, so ``init_from`` and ``ardiff eval`` accept it)."""
-  import orbax.checkpoint as ocp
-  mngr = ocp.CheckpointManager(io_lib.clean_path(ckpt_dir), item_handlers={"state": ocp.StandardCheckpointHandler()},
-                               options=ocp.CheckpointManagerOptions(create=True))
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})), force=True)
-  mngr.wait_until_finished()
-  mngr.close()
-  return os.path.join(io_lib.clean_path(ckpt_dir), str(step))
-
-
 def convert_to_block_diffusion(cfg: ModelConfig, params: Mapping, out_run_dir, *, block_size: int,
                                base_config: Optional[ml_collections.ConfigDict] = None,
                                tokenizer: Optional[str] = None, mask_token_id: Optional[int] = None,
@@ -179,9 +169,8 @@ def convert_to_block_diffusion(cfg: ModelConfig, params: Mapping, out_run_dir, *
   record = {"source": dict(source or {}), "block_size": int(block_size), "recipe": recipe,
             "mask_token_id": int(mask), "vocab_size": vocab, "mean_initialised_rows": sorted(set(new_ids))}
   with io_lib.staged_output(run_dir, overwrite=overwrite) as tmp:
-    save_params_checkpoint(params, os.path.join(tmp, "checkpoints"), step=0)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      f.write(c.to_json_best_effort(indent=2))
+    run_dir_lib.save_params_checkpoint(params, os.path.join(tmp, run_dir_lib.CHECKPOINTS), step=0)
+    run_dir_lib.write_config(tmp, c)
     with open(os.path.join(tmp, CONVERSION_FILE), "w") as f:
       json.dump(record, f, indent=2)
     if tok_file is not None:
@@ -237,10 +226,9 @@ def convert_run_to_block_diffusion(run_dir, out_run_dir, *, block_size: int, con
                                    overwrite: bool = False) -> str:
   """An ardiff AR run (or params directory) -> a block-diffusion run; the source's data, optimizer and train
   sections are kept unless ``config_file`` is given."""
-  from ardiff.checkpoints.run_dir import load_run
   run_dir = io_lib.clean_path(run_dir)
   io_lib.check_output_dir(out_run_dir, overwrite=overwrite)
-  exp, _, params = load_run(run_dir, use_ema=use_ema)
+  exp, _, params = run_dir_lib.load_run(run_dir, use_ema=use_ema)
   if exp.objective.kind == "tidar":
     log.warning("%s is a TiDAR run; converting its weights as if they were AR.", run_dir)
   base = _load_config_file(config_file)

@@ -130,7 +130,7 @@ def main(argv) -> int:
   elif sampler == "speculative":
     if not args.draft_checkpoint:
       raise UsageError("--sampler speculative needs --draft_checkpoint DIR (a small AR run with the same vocab).")
-    draft_exp, draft_model, draft_params = train_main.load_run(args.draft_checkpoint)
+    draft_exp, draft_model, draft_params = load_run(args.draft_checkpoint)
     draft, options = (draft_params, draft_model), dict(num_draft=args.num_draft)
     context = min(context, draft_exp.data.seq_len)
   ids, num_tokens, note = fit_prompt(encode_prompt(tok, prompt_input(tok, args.prompt)), context=context,
