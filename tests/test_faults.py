@@ -101,10 +101,10 @@ def test_readers_fall_back_and_move_the_step_aside(good_run, tmp_path, capsys, d
   _assert_params(again, good_run[1], 1)
 
 
-def test_init_from_falls_back_too(good_run, tmp_path):
+def test_init_from_falls_back_too(good_run, tmp_path, data_dir):
   run_dir = _copy(good_run, tmp_path)
   _truncate_arrays(os.path.join(run_dir, "checkpoints", "2"))
-  exp = experiment.validate(_config(tmp_path / "new", None))
+  exp = experiment.validate(_config(tmp_path / "new", data_dir))  # data.data_dir must be a str
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   from ardiff.model import Transformer
   with pytest.warns(RuntimeWarning, match="step 2"):
