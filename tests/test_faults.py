@@ -235,6 +235,7 @@ def tensorboard_scalars(tb_dir, tag: str) -> list:
   return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
+@pytest.mark.usefixtures("fast_compiles")  # compile-dominated; what is checked is which steps TensorBoard shows
 def test_tensorboard_shows_each_step_once_after_resuming_from_an_earlier_step(tmp_path, data_dir):
   """A run stopped at step 6 whose step-6 checkpoint is then damaged resumes from step 4 and replays steps 5 and 6:
   the events the first run logged for them are purged (purge_step), so TensorBoard shows steps 1..8 once each, with

@@ -86,6 +86,7 @@ def _files(root) -> set:
   return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
 
 
+@pytest.mark.usefixtures("fast_compiles")  # compile-dominated; what is checked is where files land
 def test_a_gs_run_dir_trains_resumes_evaluates_and_exports_into_the_bucket(bucket, tmp_path, monkeypatch, capsys):
   cwd = tmp_path / "cwd"  # where a URL made into a local path (./gs:/bucket/...) would appear
   cwd.mkdir()
