@@ -192,7 +192,7 @@ class MetricsLog:
   def __init__(self, path, start_step: int):
     self.path = as_path(path)
     kept = rewind_metrics(self.path, start_step)
-    self._url = "://" in str(self.path)
+    self._url = is_url(self.path)
     self._lines = kept if self._url else None
     self._file = None if self._url else open(self.path, "a")
 
