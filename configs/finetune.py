@@ -22,7 +22,6 @@ Or convert first (AR on Shakespeare -> HF export -> block diffusion, B = 4):
 Override the output with --config.train.run_dir=...
 """
 
-import json
 import os
 
 import ml_collections
@@ -37,15 +36,15 @@ AR_RUN = "runs/ar_shakespeare"
 
 
 def _read_run_config(run_dir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.expanduser(run_dir), "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: pass the directory written by `python -m ardiff convert ... "
-                            f"--out DIR` as {FILE}:from=DIR.")
-  with open(path) as f:
-    c = ml_collections.ConfigDict(json.load(f))
-  c.rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in c.rules)
+  """The experiment config of a converted run directory (a local path or a URL such as ``gs://bucket/run``)."""
+  from ardiff.checkpoints import run_dir as run_dir_lib  # the run-dir format's one reader
+  try:
+    c, _ = run_dir_lib.read_config(run_dir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e} Pass the directory written by `python -m ardiff convert ... --out DIR` as "
+                            f"{FILE}:from=DIR.") from None
   if c.objective.kind != "block_diffusion":
-    raise ValueError(f"{path} has objective.kind={c.objective.kind!r}; convert the run first with "
+    raise ValueError(f"{run_dir}/config.json has objective.kind={c.objective.kind!r}; convert the run first with "
                      "`python -m ardiff convert ... --to block_diffusion`.")
   return c
 
