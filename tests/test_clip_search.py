@@ -16,6 +16,8 @@ from ardiff.model import Transformer, init_params
 from ardiff.objectives import base, schedules
 from ardiff.training import clip_search, train_state
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-dominated, see conftest.py
+
 V, MASK, BS = 32, 31, 4
 CFG = ModelConfig(vocab_size=V, embed_dim=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32,
                   mask_token_id=MASK)
