@@ -294,44 +294,43 @@ def test_block_diffusion_eos_stops_rows(setup, kv_write):
   assert np.asarray(res.done)[0]
 
 
-def test_commit_rules():
+# One row: positions 0-2 are [MASK], position 3 is clean; each case names its strategy, arguments and the commit.
+_U = [[0.1, 0.6, 0.3, 0.0]]  # ddpm_cache's per-position uniforms
+
+
+@pytest.mark.parametrize("strategy,kw,want", [
+    ("threshold", dict(k=1, threshold=0.9), [True, False, True, False]),
+    ("threshold", dict(k=1, threshold=1.01), [True, False, False, False]),
+    # factor f=1: c_(1)=0.95 passes (i=1: >= 0.5), c_(2)=0.92 >= 1-1/3, c_(3)=0.5 < 1-1/4 -> n=2
+    ("factor", dict(k=1, factor=1.0), [True, False, True, False]),
+    # entropy-bounded γ=0.35: 0.1 + 0.2 <= 0.35, + 0.3 > 0.35 -> two lowest-entropy masked positions
+    ("entropy_bounded", dict(k=1, gamma=0.35), [True, False, True, False]),
+    ("entropy_bounded", dict(k=1, gamma=0.0), [True, False, False, False]),
+    ("topk_confidence", dict(k=2), [True, False, True, False]),
+    # SDAR dynamic, k=2: two confidences > 0.9 -> exactly those; with τ = 0.93 only one -> top-2 instead
+    ("dynamic", dict(k=2, threshold=0.9), [True, False, True, False]),
+    ("dynamic", dict(k=1, threshold=0.4), [True, True, True, False]),
+    ("dynamic", dict(k=2, threshold=0.93), [True, False, True, False]),
+    ("dynamic", dict(k=3, threshold=0.93), [True, True, True, False]),
+    # ddpm_cache: independent unmasking w.p. unmask_prob (may commit nothing); prob 1 unmasks every mask
+    ("ddpm_cache", dict(k=1, unmask_prob=0.5, rand_score=_U), [True, False, True, False]),
+    ("ddpm_cache", dict(k=1, unmask_prob=0.05, rand_score=_U), [False, False, False, False]),
+    ("ddpm_cache", dict(k=1, unmask_prob=1.0, rand_score=_U), [True, True, True, False]),
+])
+def test_commit_rules(strategy, kw, want):
+  kw = dict(kw)
+  rand_score = jnp.asarray(kw.pop("rand_score", [[0.0] * 4]))
+  got = commit_mask(strategy, masked=jnp.asarray([[True, True, True, False]]),
+                    conf=jnp.asarray([[0.95, 0.5, 0.92, 0.99]]), entropy=jnp.asarray([[0.1, 0.3, 0.2, 0.0]]),
+                    rand_score=rand_score, **kw)
+  np.testing.assert_array_equal(np.asarray(got), [want])
+
+
+def test_commit_rules_reject_an_unknown_strategy():
   masked = jnp.asarray([[True, True, True, False]])
-  conf = jnp.asarray([[0.95, 0.5, 0.92, 0.99]])
-  ent = jnp.asarray([[0.1, 0.3, 0.2, 0.0]])
-  rnd = jnp.zeros((1, 4))
-  thr = commit_mask("threshold", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=1, threshold=0.9)
-  np.testing.assert_array_equal(np.asarray(thr), [[True, False, True, False]])
-  thr1 = commit_mask("threshold", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=1, threshold=1.01)
-  np.testing.assert_array_equal(np.asarray(thr1), [[True, False, False, False]])
-  # factor f=1: c_(1)=0.95 passes (i=1: >= 0.5), c_(2)=0.92 >= 1-1/3, c_(3)=0.5 < 1-1/4 -> n=2
-  fac = commit_mask("factor", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=1, factor=1.0)
-  np.testing.assert_array_equal(np.asarray(fac), [[True, False, True, False]])
-  # entropy-bounded γ=0.35: 0.1 + 0.2 <= 0.35, + 0.3 > 0.35 -> two lowest-entropy masked positions
-  eb = commit_mask("entropy_bounded", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=1, gamma=0.35)
-  np.testing.assert_array_equal(np.asarray(eb), [[True, False, True, False]])
-  eb0 = commit_mask("entropy_bounded", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=1, gamma=0.0)
-  np.testing.assert_array_equal(np.asarray(eb0), [[True, False, False, False]])
-  topk = commit_mask("topk_confidence", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=2)
-  np.testing.assert_array_equal(np.asarray(topk), [[True, False, True, False]])
-  # SDAR dynamic, k=2: two confidences > 0.9 -> exactly those; with τ = 0.93 only one -> top-2 instead
-  dyn = commit_mask("dynamic", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=2, threshold=0.9)
-  np.testing.assert_array_equal(np.asarray(dyn), [[True, False, True, False]])
-  dyn1 = commit_mask("dynamic", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=1, threshold=0.4)
-  np.testing.assert_array_equal(np.asarray(dyn1), [[True, True, True, False]])
-  dyn2 = commit_mask("dynamic", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=2, threshold=0.93)
-  np.testing.assert_array_equal(np.asarray(dyn2), [[True, False, True, False]])
-  dyn3 = commit_mask("dynamic", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=3, threshold=0.93)
-  np.testing.assert_array_equal(np.asarray(dyn3), [[True, True, True, False]])
-  # ddpm_cache: independent unmasking w.p. unmask_prob (may commit nothing); prob 1 unmasks every mask
-  u = jnp.asarray([[0.1, 0.6, 0.3, 0.0]])
-  dd = commit_mask("ddpm_cache", masked=masked, conf=conf, entropy=ent, rand_score=u, k=1, unmask_prob=0.5)
-  np.testing.assert_array_equal(np.asarray(dd), [[True, False, True, False]])
-  dd0 = commit_mask("ddpm_cache", masked=masked, conf=conf, entropy=ent, rand_score=u, k=1, unmask_prob=0.05)
-  np.testing.assert_array_equal(np.asarray(dd0), [[False, False, False, False]])
-  dd1 = commit_mask("ddpm_cache", masked=masked, conf=conf, entropy=ent, rand_score=u, k=1, unmask_prob=1.0)
-  np.testing.assert_array_equal(np.asarray(dd1), [[True, True, True, False]])
   with pytest.raises(ValueError, match="strategy must be one of"):
-    commit_mask("nope", masked=masked, conf=conf, entropy=ent, rand_score=rnd, k=1)
+    commit_mask("nope", masked=masked, conf=jnp.zeros((1, 4)), entropy=jnp.zeros((1, 4)), rand_score=jnp.zeros((1, 4)),
+                k=1)
 
 
 def test_sub_block_commits_left_to_right():
