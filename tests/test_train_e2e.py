@@ -130,6 +130,15 @@ def test_sigterm_and_kill_minus_9_around_async_saves_resume_bit_identically(tmp_
   assert any(n.startswith("28.corrupt-") for n in os.listdir(os.path.join(run_dir, "checkpoints")))
   assert committed(run_dir)[-1] == 40  # it got past step 28, saving it again without StepAlreadyExistsError
   _assert_same_losses(run_dir, reference)
+  # TensorBoard: the events a killed run logged after its last checkpoint are purged by the rerun (purge_step), so
+  # no step shows twice; the steps a kill -9 caught in tensorboardX's buffers may be missing, never stale
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  acc = EventAccumulator(str(run_dir / "tb"))
+  acc.Reload()
+  shown = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+  assert len({s for s, _ in shown}) == len(shown), sorted(s for s, _ in shown)
+  assert shown and shown[-1][0] == 40
+  assert all(v == pytest.approx(reference[s], rel=1e-6) for s, v in shown)  # float32 events
 
 
 @pytest.mark.parametrize("override,message", [
