@@ -20,20 +20,10 @@ from ardiff.training import main as train_main
 from ardiff.training import optimizer as optimizer_lib
 from ardiff.training import run_dir as run_dir_lib
 from ardiff.training import train_state as train_state_lib
+from tiny_runs import tiny_config
 
 # orbax's async thread reports a closed event loop after a failed read of a damaged step; harmless here
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-def _config(run_dir, data_dir):
-  c = experiment.base_config()
-  c.model.update(vocab_size=260, embed_dim=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
-                 mask_token_id=258)
-  c.objective.update(kind="block_diffusion", block_size=8)
-  c.data.update(seq_len=32, data_dir=data_dir)
-  c.train.update(run_dir=str(run_dir), batch_size=8, eval_batches=1, num_samples=0)
-  c.optimizer.warmup_steps = 1
-  return c
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +35,7 @@ def data_dir(tmp_path_factory):
 def good_run(tmp_path_factory, data_dir):
   """A run directory with steps 1 and 2 (params of step s are 's * base'), as `ardiff train` leaves it."""
   run_dir = tmp_path_factory.mktemp("good")
-  c = _config(run_dir, data_dir)
+  c = tiny_config(run_dir, data_dir)
   exp = experiment.validate(c)
   base = init_params(exp.model, jax.random.key(0))
   with checkpoint_lib.Checkpointer(run_dir / "checkpoints", save_every=1) as ckpt:
@@ -104,7 +94,7 @@ def test_readers_fall_back_and_move_the_step_aside(good_run, tmp_path, capsys, d
 def test_init_from_falls_back_too(good_run, tmp_path, data_dir):
   run_dir = _copy(good_run, tmp_path)
   _truncate_arrays(os.path.join(run_dir, "checkpoints", "2"))
-  exp = experiment.validate(_config(tmp_path / "new", data_dir))  # data.data_dir must be a str
+  exp = experiment.validate(tiny_config(tmp_path / "new", data_dir))  # data.data_dir must be a str
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   from ardiff.model import Transformer
   with pytest.warns(RuntimeWarning, match="step 2"):
@@ -190,13 +180,13 @@ def test_train_nan_update_saves_the_last_good_state_and_releases_everything(tmp_
   the (finite) state before it saved, and train() leaves no SIGTERM handler, open file or writer behind."""
   make = optimizer_lib.make_optimizer
 
-  def nan_optimizer(cfg, total_steps):
-    _, schedule = make(cfg, total_steps=total_steps)
+  def nan_optimizer(cfg):
+    _, schedule = make(cfg)
     return optax.sgd(float("nan")), schedule
   monkeypatch.setattr(optimizer_lib, "make_optimizer", nan_optimizer)
   handler_before = signal.getsignal(signal.SIGTERM)
   run_dir = tmp_path / "nan"
-  c = _config(run_dir, data_dir)
+  c = tiny_config(run_dir, data_dir)
   c.train.update(num_steps=3, log_every=1, eval_every=100, save_every=100)
   with pytest.raises(train_state_lib.NonFiniteError, match="step 1: non-finite"):
     train_main.train(c, progress=False)
@@ -241,7 +231,7 @@ def test_tensorboard_shows_each_step_once_after_resuming_from_an_earlier_step(tm
   the events the first run logged for them are purged (purge_step), so TensorBoard shows steps 1..8 once each, with
   the values metrics.jsonl keeps."""
   run_dir = tmp_path / "run"
-  c = _config(run_dir, data_dir)
+  c = tiny_config(run_dir, data_dir)
   c.train.update(num_steps=9, log_every=1, save_every=4, eval_every=100)  # never reached: no eval compile
   train_main.train(c, progress=False, stop_after=6)
   assert [s for s, _ in tensorboard_scalars(run_dir / "tb", "train/loss")] == [1, 2, 3, 4, 5, 6]

@@ -18,10 +18,11 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import _registry as fsspec_registry
 from orbax.checkpoint._src.path import gcs_utils
 
-from ardiff import cli, experiment, sharding
+from ardiff import cli, sharding
 from ardiff.checkpoints import run_dir as run_dir_lib
 from ardiff.model import Transformer
 from ardiff.training import main as train_main
+from tiny_runs import tiny_config
 
 # orbax's async thread reports a closed event loop after a failed read of a damaged step; harmless here
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -64,15 +65,8 @@ def bucket(tmp_path, monkeypatch):
 
 
 def _config(run_dir, data_dir):
-  c = experiment.base_config()
-  c.model.update(vocab_size=260, embed_dim=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
-                 mask_token_id=258)
-  c.objective.update(kind="block_diffusion", block_size=8)
-  c.data.update(seq_len=32, data_dir=data_dir)
-  c.train.update(run_dir=run_dir, batch_size=8, eval_batches=1, num_samples=0, num_steps=9, log_every=1,
-                 save_every=4, eval_every=100)  # num_steps is never reached: no end-of-run eval to compile
-  c.optimizer.warmup_steps = 1
-  return c
+  # num_steps is never reached: no end-of-run eval to compile
+  return tiny_config(run_dir, data_dir, num_steps=9, log_every=1, save_every=4, eval_every=100)
 
 
 def _tensorboard_steps(tb_dir, tag: str) -> list:
