@@ -228,7 +228,7 @@ class TrainConfig(_Section):
   save_every: int = 100
   keep_checkpoints: int = 2
   num_samples: int = 4  # texts generated at the end of the run (0 = none)
-  sample_tokens: int = 128
+  sample_tokens: int = 128  # new tokens per sample, capped to data.seq_len minus the prompt
   resume: bool = True
   init_from: str = ""
 

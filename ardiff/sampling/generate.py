@@ -75,8 +75,18 @@ def generate(sampler: str, params, model, prompt, prompt_lengths, *, rng, num_to
 
 def generate_for_experiment(params, model, exp, tok, *, num_samples: int, num_tokens: int, rng,
                             prompt: str = DEFAULT_PROMPT) -> list:
-  """``num_samples`` texts of about ``num_tokens`` new tokens from the family's own sampler."""
+  """``num_samples`` texts of about ``num_tokens`` new tokens from the family's own sampler.
+
+  ``num_tokens`` is capped to the model's context (``exp.data.seq_len`` minus the prompt): positions past the
+  training length are out of distribution, so samples there would read as noise (the trainer's ``train.sample_tokens``
+  is documented as capped the same way).
+  """
   ids = encode_prompt(tok, prompt)
+  room = exp.data.seq_len - len(ids)
+  if room < 1:
+    raise ValueError(f"the sample prompt {prompt!r} is {len(ids)} tokens, leaving no room in the model's context of "
+                     f"data.seq_len={exp.data.seq_len}; use a shorter prompt.")
+  num_tokens = min(num_tokens, room)
   sampler = default_sampler(exp.objective, model)
   options = dict(strategy="topk_confidence") if sampler == "block_diffusion" else {}
   res = generate(sampler, params, model, np.tile(np.asarray(ids, np.int32), (num_samples, 1)),
