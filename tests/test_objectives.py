@@ -48,16 +48,16 @@ def test_bd3_block_size_one_without_shift_is_the_masked_query_ar_model():
 def test_bd3_block_size_length_equals_mdlm_bidirectional_1l():
   x = tokens((2, 12))
   cfg = objectives.ObjectiveConfig(block_size=12)
-  b = base.prepare_batch({"tokens": x})
-  noise, _ = diffusion.sample_noise_t(jax.random.key(5), diffusion.maskable_tokens(b, cfg), cfg)
+  pb = base.prepare_batch({"tokens": x})
+  noise, _ = diffusion.sample_noise_t(jax.random.key(5), diffusion.maskable_tokens(pb, cfg), cfg)
   assert bool(jnp.any(noise.masked))
-  two_stream = diffusion.nll_terms(PARAMS, b, noise, model=MODEL, cfg=cfg, force_two_stream=True)
+  two_stream = diffusion.nll_terms(PARAMS, pb, noise, model=MODEL, cfg=cfg, force_two_stream=True)
   x_t = jnp.where(noise.masked, MASK, x)
   logits = MODEL.apply({"params": PARAMS}, x_t, mask=masks.Full()).logits
   nll = base.gather_nll(base.log_probs(logits, MASK), x)
   want = jnp.sum(jnp.where(noise.masked, noise.weight * nll, 0.0))
   np.testing.assert_allclose(float(two_stream[0]), float(want), rtol=1e-6)
-  one_stream = diffusion.nll_terms(PARAMS, b, noise, model=MODEL, cfg=cfg)  # the fast path used in training
+  one_stream = diffusion.nll_terms(PARAMS, pb, noise, model=MODEL, cfg=cfg)  # the fast path used in training
   np.testing.assert_allclose(float(one_stream[0]), float(want), rtol=1e-6)
 
 
@@ -105,27 +105,27 @@ def test_packed_loss_equals_unpacked_per_document(kind):
   packed = pack(docs, 28, bs)
 
   def per_doc_sums(batch, draw):
-    b = base.prepare_batch(batch)
+    pb = base.prepare_batch(batch)
     if kind == "ar":
-      out = MODEL.apply({"params": PARAMS}, b.tokens, mask=masks.Causal(), positions=b.positions,
-                        segment_ids=b.segment_ids)
-      nll = base.gather_nll(base.log_probs(out.logits[:, :-1], MASK), b.tokens[:, 1:])
-      valid = b.loss_mask[:, 1:] & ~base.document_starts(b.segment_ids)[:, 1:]
-      return nll * valid, b.segment_ids[:, 1:]
+      out = MODEL.apply({"params": PARAMS}, pb.tokens, mask=masks.Causal(), positions=pb.positions,
+                        segment_ids=pb.segment_ids)
+      nll = base.gather_nll(base.log_probs(out.logits[:, :-1], MASK), pb.tokens[:, 1:])
+      valid = pb.loss_mask[:, 1:] & ~base.document_starts(pb.segment_ids)[:, 1:]
+      return nll * valid, pb.segment_ids[:, 1:]
     if kind == "tidar":
-      n = b.tokens.shape[1]
-      out = MODEL.apply({"params": PARAMS}, jnp.concatenate([b.tokens, jnp.full_like(b.tokens, MASK)], 1),
-                        mask=masks.TiDARTrain(n, bs), positions=jnp.concatenate([b.positions] * 2, 1),
-                        segment_ids=jnp.concatenate([b.segment_ids] * 2, 1))
-      nll = base.gather_nll(base.log_probs(out.logits[:, n:], MASK), b.tokens)
-      return nll * diffusion.maskable_tokens(b, cfg), b.segment_ids
-    noise = diffusion.Noise(draw(b), jnp.ones(b.tokens.shape))
-    _, _, _, weighted = diffusion.nll_terms(PARAMS, b, noise, model=MODEL, cfg=cfg)
-    return weighted, b.segment_ids
+      n = pb.tokens.shape[1]
+      out = MODEL.apply({"params": PARAMS}, jnp.concatenate([pb.tokens, jnp.full_like(pb.tokens, MASK)], 1),
+                        mask=masks.TiDARTrain(n, bs), positions=jnp.concatenate([pb.positions] * 2, 1),
+                        segment_ids=jnp.concatenate([pb.segment_ids] * 2, 1))
+      nll = base.gather_nll(base.log_probs(out.logits[:, n:], MASK), pb.tokens)
+      return nll * diffusion.maskable_tokens(pb, cfg), pb.segment_ids
+    noise = diffusion.Noise(draw(pb), jnp.ones(pb.tokens.shape))
+    _, _, _, weighted = diffusion.nll_terms(PARAMS, pb, noise, model=MODEL, cfg=cfg)
+    return weighted, pb.segment_ids
 
   # The same masked positions in both layouts: mask every other maskable token of each document.
-  def draw_packed(b):
-    return diffusion.maskable_tokens(b, cfg) & (b.positions % 2 == 1)
+  def draw_packed(pb):
+    return diffusion.maskable_tokens(pb, cfg) & (pb.positions % 2 == 1)
 
   contrib, seg = per_doc_sums(packed, draw_packed)
   for i, d in enumerate(docs):
@@ -158,13 +158,13 @@ def test_token_shift_and_complementary_masks_run_and_cover():
 def test_sft_prompt_and_bos_are_never_noised():
   x = tokens((64, 12))
   loss_mask = jnp.broadcast_to(jnp.arange(12) >= 5, (64, 12))  # first 5 tokens are the prompt
-  b = base.prepare_batch({"tokens": x, "loss_mask": loss_mask})
+  pb = base.prepare_batch({"tokens": x, "loss_mask": loss_mask})
   cfg = objectives.ObjectiveConfig(block_size=4)
-  noise, _ = diffusion.sample_noise_t(jax.random.key(0), diffusion.maskable_tokens(b, cfg), cfg)
+  noise, _ = diffusion.sample_noise_t(jax.random.key(0), diffusion.maskable_tokens(pb, cfg), cfg)
   assert not bool(jnp.any(noise.masked[:, :5]))
   assert bool(jnp.any(noise.masked[:, 5:]))
-  b2 = base.prepare_batch({"tokens": x})
-  noise2, _ = diffusion.sample_noise_t(jax.random.key(0), diffusion.maskable_tokens(b2, cfg), cfg)
+  pb2 = base.prepare_batch({"tokens": x})
+  noise2, _ = diffusion.sample_noise_t(jax.random.key(0), diffusion.maskable_tokens(pb2, cfg), cfg)
   assert not bool(jnp.any(noise2.masked[:, 0]))  # BOS
 
 
