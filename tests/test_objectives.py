@@ -12,6 +12,8 @@ from ardiff.config import ModelConfig
 from ardiff.model import Transformer, init_params
 from ardiff.objectives import base, diffusion, schedules
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-dominated, see conftest.py
+
 V, MASK = 32, 31
 CFG = ModelConfig(vocab_size=V, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
                   mask_token_id=MASK)
