@@ -219,6 +219,8 @@ def test_training_with_the_search_logs_the_interval_trains_on_it_and_resumes_wit
   assert interval in schedules.candidate_intervals((0.5, 0.9), delta=0.25)
   assert np.isfinite(sched[0]["schedule/min_variance"]) and sched[0]["schedule/min_variance"] > 0
   assert on[3] != off[3]  # training now draws t from the chosen interval (no candidate is the full [1e-3, 1])
+  ev = train_main.evaluate_run(str(tmp_path / "on"), max_batches=1)  # its checkpoints read like any other run's
+  assert np.isfinite(ev["nelbo_per_token"])
 
   config = _run_config(tmp_path / "resumed", data_dir, **search)
   train_main.train(config, progress=False, stop_after=2)  # stops right after the search (and its save)
