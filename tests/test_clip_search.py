@@ -226,3 +226,6 @@ def test_training_with_the_search_logs_the_interval_trains_on_it_and_resumes_wit
   train_main.train(config, progress=False, stop_after=2)  # stops right after the search (and its save)
   train_main.train(config, progress=False)
   assert _losses(_rows(tmp_path / "resumed")) == on
+
+  with pytest.raises(ValueError, match="clip_search=False, but the checkpoints .* were trained with clip_search=True"):
+    train_main.train(_run_config(tmp_path / "resumed", data_dir), progress=False)  # the search switched off

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ardiff.checkpoints import run_dir as run_dir_lib
 from ardiff.model import Transformer
 from ardiff.objectives import base, diffusion, schedules
 
@@ -37,6 +38,20 @@ def search_every(cfg: base.ObjectiveConfig, eval_every: int) -> int:
   if not cfg.clip_search:
     return 0
   return cfg.clip_search_every or eval_every
+
+
+def check_resume(run_dir, cfg: base.ObjectiveConfig) -> None:
+  """Before resuming ``run_dir``: its checkpoints hold a noise interval exactly when it was trained with the search,
+  so flipping ``objective.clip_search`` cannot resume it (orbax would only report a tree mismatch)."""
+  if not (run_dir_lib.as_path(run_dir) / run_dir_lib.CONFIG_FILE).exists():
+    return
+  config, _ = run_dir_lib.read_config(run_dir)
+  before = bool(config.get("objective", {}).get("clip_search", False))
+  if before != cfg.clip_search:
+    raise ValueError(f"objective.clip_search={cfg.clip_search}, but the checkpoints in {run_dir} were trained with "
+                     f"clip_search={before}, so their train state {'has' if before else 'has no'} noise interval. "
+                     f"Keep objective.clip_search={before} to resume them, or train into a new train.run_dir with "
+                     f"train.init_from={run_dir} to start from their parameters.")
 
 
 def make_per_block_fn(model: Transformer, cfg: base.ObjectiveConfig) -> Callable:

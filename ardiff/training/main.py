@@ -107,6 +107,7 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
   # one, or none yet: a fresh run saves step 0 if its first update is refused)
   start, last_saved = 0, None
   if tcfg.resume and ckpt.latest_step() is not None:
+    clip_search_lib.check_resume(run_dir, exp.objective)  # before write_config replaces config.json below
     try:  # a corrupt latest step is moved aside and the previous one restored (checkpoint.restore_latest)
       _, state = ckpt.restore(sharding.with_shardings(abstract_state, state_sh), data_iter=train_iter)
       start = last_saved = int(jax.device_get(state.step))
