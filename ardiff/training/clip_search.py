@@ -45,7 +45,10 @@ def check_resume(run_dir, cfg: base.ObjectiveConfig) -> None:
   so flipping ``objective.clip_search`` cannot resume it (orbax would only report a tree mismatch)."""
   if not (run_dir_lib.as_path(run_dir) / run_dir_lib.CONFIG_FILE).exists():
     return
-  config, _ = run_dir_lib.read_config(run_dir)
+  try:
+    config, _ = run_dir_lib.read_config(run_dir)
+  except ValueError:  # a damaged config.json: the trainer rewrites it from the config it runs with
+    return
   before = bool(config.get("objective", {}).get("clip_search", False))
   if before != cfg.clip_search:
     raise ValueError(f"objective.clip_search={cfg.clip_search}, but the checkpoints in {run_dir} were trained with "
