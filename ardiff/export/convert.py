@@ -37,7 +37,8 @@ from ardiff.checkpoints import run_dir as run_dir_lib
 from ardiff.checkpoints import staging as io_lib
 from ardiff.checkpoints.run_dir import save_params_checkpoint  # noqa: F401  (its old home)
 from ardiff.config import DTYPES, ModelConfig
-from ardiff.export import hf as hf_lib
+from ardiff.export.hf_config import read_hf_config
+from ardiff.export.hf_import import import_hf
 from ardiff.objectives.recipes import RECIPES  # written once there; also read by configs/finetune.py
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,8 @@ def convert_hf_to_block_diffusion(hf_dir, out_run_dir, *, block_size: int, confi
   """
   hf_dir = io_lib.clean_path(hf_dir)
   io_lib.check_output_dir(out_run_dir, overwrite=overwrite)  # before the (slow) import
-  hf_config = hf_lib.read_hf_config(hf_dir)
-  cfg, params = hf_lib.import_hf(hf_dir, dtype=dtype)
+  hf_config = read_hf_config(hf_dir)
+  cfg, params = import_hf(hf_dir, dtype=dtype)
   tokenizer = hf_tokenizer_spec(hf_dir, hf_config)
   if tokenizer is None:
     log.warning("%s has no tokenizer file and no recorded ardiff tokenizer; the run keeps data.tokenizer of the "
