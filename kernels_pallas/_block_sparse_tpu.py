@@ -1,0 +1,260 @@
+"""TPU (Mosaic) kernels of :func:`kernels_pallas.block_sparse_attention.block_sparse_attention`.
+
+``pltpu.PrefetchScalarGridSpec`` with the metadata as scalar-prefetch (SMEM) operands. Forward and dQ grid
+``(b, h, q_tiles, fwd_width)``; dK/dV grid ``(b, kvh, kv_tiles, groups, dkv_width)``. The K/V (resp. Q/dO) index
+maps read the listed tile, so padded steps revisit the block already in VMEM (no DMA) and ``pl.when`` skips
+their compute. Online softmax in float32 VMEM scratch (m, l, acc). The dK/dV kernel works on transposed scores
+``k @ q.T`` so that per-query vectors (logsumexp, delta, query segment ids) are lane rows. The layout, masking and
+gradient conventions are described in :mod:`kernels_pallas.block_sparse_attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels_pallas.block_sparse_metadata import MASKED, UNMASKED
+from kernels_pallas.common import NEG_INF, online_softmax_step
+from kernels_pallas._block_sparse_common import _NT, _Config, _scores, _finalize, _probs, _allowed, _cost
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# TPU (Mosaic) kernels.
+
+
+def _tpu_fwd_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, tbl_ref,
+                    o_ref, lse_ref, cnt_out_ref, m_scr, l_scr, acc_scr, *, cfg: _Config):
+  """Absent operands (segment ids, mask table, visit counter) arrive as None (None block spec)."""
+  counter = cnt_out_ref is not None
+  bi, hi, qi, j = (pl.program_id(i) for i in range(4))
+  bq, bk = cfg.block_q, cfg.block_kv
+
+  @pl.when(j == 0)
+  def _init():
+    m_scr[...] = jnp.full(m_scr.shape, NEG_INF, jnp.float32)
+    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+    if counter:
+      cnt_out_ref[bi, hi, qi] = 0
+
+  kind = kind_ref[qi, j]
+  run = j < cnt_ref[qi]
+
+  def compute(masked: bool):
+    q_abs = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    k_abs = kv_idx_ref[qi, j] * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    s, _ = _scores(q_ref[...], k_ref[...], cfg)
+    allowed = _allowed(cfg, q_abs, k_abs, tbl_ref[...] if (masked and cfg.table) else None,
+                       qseg_ref[...] if cfg.segments else None, kseg_ref[...] if cfg.segments else None, masked)
+    m, l, acc = online_softmax_step(s, allowed, v_ref[...], m_scr[...], l_scr[...], acc_scr[...])
+    m_scr[...], l_scr[...], acc_scr[...] = m, l, acc
+    if counter:
+      cnt_out_ref[bi, hi, qi] += 1
+
+  pl.when(run & (kind == UNMASKED))(lambda: compute(False))
+  pl.when(run & (kind == MASKED))(lambda: compute(True))
+
+  @pl.when(j == pl.num_programs(3) - 1)
+  def _final():
+    o, lse = _finalize(l_scr[...], m_scr[...], acc_scr[...])
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = lse
+
+
+def _tpu_segments(cfg: _Config, qseg, kseg, q_map, k_map, transposed: bool = False):
+  """(specs, operands) of the query/key segment ids, ``[None, None]`` twice without packing. Query ids are a
+  column ``(bq, 1)`` and key ids a row ``(1, bk)`` of the ``[bq, bk]`` score tile (``transposed``: the dK/dV
+  kernel's ``[bk, bq]`` tile, ids the other way round)."""
+  if not cfg.segments:
+    return [None, None], [None, None]
+  if transposed:
+    return ([pl.BlockSpec((None, 1, cfg.block_q), q_map), pl.BlockSpec((None, cfg.block_kv, 1), k_map)],
+            [qseg[:, None, :], kseg[:, :, None]])
+  return ([pl.BlockSpec((None, cfg.block_q, 1), q_map), pl.BlockSpec((None, 1, cfg.block_kv), k_map)],
+          [qseg[:, :, None], kseg[:, None, :]])
+
+
+def _tpu_table(cfg: _Config, block_map, transposed: bool):
+  """(spec, operand) of the host-built mask tiles (table masks only; else ``(None, None)``)."""
+  if not cfg.table:
+    return None, None
+  blocks = cfg.meta.partial_blocks
+  if transposed:
+    blocks = np.ascontiguousarray(blocks.transpose(0, 2, 1))
+  return pl.BlockSpec((None,) + blocks.shape[1:], block_map), jnp.asarray(blocks)
+
+
+def _tpu_fwd(cfg: _Config, q, k, v, qseg, kseg, counter: bool):
+  """q [b, h, Tp, d], k/v [b, kvh, Sp, d], qseg [b, Tp], kseg [b, Sp] → o [b,h,Tp,d], lse [b,h,Tp] (, visits)."""
+  meta = cfg.meta
+  b, h, tp, d = q.shape
+  bq, bk, g = cfg.block_q, cfg.block_kv, cfg.groups
+  nq, width = meta.num_q_tiles, meta.fwd_width
+
+  q_map = lambda bi, hi, qi, j, idx, kind, cnt, blk: (bi, hi, qi, 0)
+  kv_map = lambda bi, hi, qi, j, idx, kind, cnt, blk: (bi, hi // g, idx[qi, j], 0)
+  seg_specs, seg_operands = _tpu_segments(cfg, qseg, kseg, lambda bi, hi, qi, j, *_: (bi, qi, 0),
+                                           lambda bi, hi, qi, j, idx, *_: (bi, 0, idx[qi, j]))
+  tbl_spec, tbl = _tpu_table(cfg, lambda bi, hi, qi, j, idx, kind, cnt, blk: (blk[qi, j], 0, 0), False)
+  in_specs = [pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bk, d), kv_map),
+              pl.BlockSpec((None, None, bk, d), kv_map), *seg_specs, tbl_spec]
+  operands = [q, k, v, *seg_operands, tbl]
+  out_specs = [pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bq, 1), q_map),
+               pl.BlockSpec(memory_space=pltpu.SMEM) if counter else None]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp, 1), jnp.float32),
+               jax.ShapeDtypeStruct((b, h, nq), jnp.int32) if counter else None]
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=4, grid=(b, h, nq, width), in_specs=in_specs, out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                      pltpu.VMEM((bq, d), jnp.float32)])
+  sem = ("arbitrary",) * 4 if counter else ("parallel", "parallel", "parallel", "arbitrary")
+  outs = pl.pallas_call(
+      functools.partial(_tpu_fwd_kernel, cfg=cfg), grid_spec=grid_spec, out_shape=out_shape,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=sem),
+      cost_estimate=_cost(cfg, b, h, d, q.dtype.itemsize, "fwd"),
+      interpret=cfg.interpret_arg, name=f"block_sparse_attention_fwd_tpu_bq{bq}_bk{bk}",
+  )(jnp.asarray(meta.fwd_kv_index), jnp.asarray(meta.fwd_kind), jnp.asarray(meta.fwd_count),
+    jnp.asarray(meta.fwd_block_id), *operands)
+  return outs[0], outs[1][..., 0], outs[2]
+
+
+def _tpu_dq_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
+                   kseg_ref, tbl_ref, dq_ref, dq_scr, *, cfg: _Config):
+  qi, j = pl.program_id(2), pl.program_id(3)
+  bq, bk = cfg.block_q, cfg.block_kv
+
+  @pl.when(j == 0)
+  def _init():
+    dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+
+  kind = kind_ref[qi, j]
+  run = j < cnt_ref[qi]
+
+  def compute(masked: bool):
+    q_abs = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    k_abs = kv_idx_ref[qi, j] * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    k = k_ref[...]
+    s, dcap = _scores(q_ref[...], k, cfg)
+    allowed = _allowed(cfg, q_abs, k_abs, tbl_ref[...] if (masked and cfg.table) else None,
+                       qseg_ref[...] if cfg.segments else None, kseg_ref[...] if cfg.segments else None, masked)
+    p = _probs(s, lse_ref[...], allowed)
+    dp = lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_ref[...])
+    if dcap is not None:
+      ds = ds * dcap
+    dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * cfg.sm_scale
+
+  pl.when(run & (kind == UNMASKED))(lambda: compute(False))
+  pl.when(run & (kind == MASKED))(lambda: compute(True))
+
+  @pl.when(j == pl.num_programs(3) - 1)
+  def _final():
+    dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
+
+
+def _tpu_dkv_kernel(q_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                    qseg_ref, kseg_ref, tbl_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, cfg: _Config):
+  ki, gi, j = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+  bq, bk = cfg.block_q, cfg.block_kv
+
+  @pl.when((gi == 0) & (j == 0))
+  def _init():
+    dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+    dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+  kind = kind_ref[ki, j]
+  run = j < cnt_ref[ki]
+
+  def compute(masked: bool):
+    # Transposed orientation [bk, bq]: per-query vectors are lane rows (1, bq).
+    k_abs = ki * bk + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
+    q_abs = q_idx_ref[ki, j] * bq + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
+    q, do = q_ref[...], do_ref[...]
+    s, dcap = _scores(k_ref[...], q, cfg)
+    allowed = _allowed(cfg, q_abs, k_abs, tbl_ref[...] if (masked and cfg.table) else None,
+                       qseg_ref[...] if cfg.segments else None, kseg_ref[...] if cfg.segments else None, masked)
+    p = _probs(s, lse_ref[...], allowed)
+    dv_scr[...] += jnp.dot(p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dp = lax.dot_general(v_ref[...], do, _NT, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_ref[...])
+    if dcap is not None:
+      ds = ds * dcap
+    dk_scr[...] += jnp.dot(ds.astype(q.dtype), q, preferred_element_type=jnp.float32) * cfg.sm_scale
+
+  pl.when(run & (kind == UNMASKED))(lambda: compute(False))
+  pl.when(run & (kind == MASKED))(lambda: compute(True))
+
+  @pl.when((gi == pl.num_programs(3) - 1) & (j == pl.num_programs(4) - 1))
+  def _final():
+    dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def _tpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
+  meta = cfg.meta
+  b, h, tp, d = q.shape
+  kvh = k.shape[1]
+  bq, bk, g = cfg.block_q, cfg.block_kv, cfg.groups
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [b, h, Tp]
+  interp = cfg.interpret_arg
+  itemsize = q.dtype.itemsize
+
+  # dQ: same grid and metadata as the forward.
+  nq, wf = meta.num_q_tiles, meta.fwd_width
+  q_map = lambda bi, hi, qi, j, *_: (bi, hi, qi, 0)
+  kv_map = lambda bi, hi, qi, j, idx, *_: (bi, hi // g, idx[qi, j], 0)
+  seg_specs, seg_operands = _tpu_segments(cfg, qseg, kseg, lambda bi, hi, qi, j, *_: (bi, qi, 0),
+                                           lambda bi, hi, qi, j, idx, *_: (bi, 0, idx[qi, j]))
+  tbl_spec, tbl = _tpu_table(cfg, lambda bi, hi, qi, j, idx, kind, cnt, blk: (blk[qi, j], 0, 0), False)
+  in_specs = [pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bk, d), kv_map),
+              pl.BlockSpec((None, None, bk, d), kv_map), pl.BlockSpec((None, None, bq, d), q_map),
+              pl.BlockSpec((None, None, bq, 1), q_map), pl.BlockSpec((None, None, bq, 1), q_map), *seg_specs,
+              tbl_spec]
+  operands = [q, k, v, do, lse[..., None], delta[..., None], *seg_operands, tbl]
+  dq = pl.pallas_call(
+      functools.partial(_tpu_dq_kernel, cfg=cfg),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=4, grid=(b, h, nq, wf), in_specs=in_specs,
+          out_specs=pl.BlockSpec((None, None, bq, d), q_map),
+          scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      cost_estimate=_cost(cfg, b, h, d, itemsize, "dq"), interpret=interp,
+      name=f"block_sparse_attention_dq_tpu_bq{bq}_bk{bk}",
+  )(jnp.asarray(meta.fwd_kv_index), jnp.asarray(meta.fwd_kind), jnp.asarray(meta.fwd_count),
+    jnp.asarray(meta.fwd_block_id), *operands)
+
+  # dK/dV: grid over kv tiles, reducing over (query heads of the group, listed query tiles).
+  nk, wb = meta.num_kv_tiles, meta.dkv_width
+  qh_map = lambda bi, kh, ki, gi, j, idx, *_: (bi, kh * g + gi, idx[ki, j], 0)
+  row_map = lambda bi, kh, ki, gi, j, idx, *_: (bi, kh * g + gi, 0, idx[ki, j])
+  k_map = lambda bi, kh, ki, gi, j, *_: (bi, kh, ki, 0)
+  seg_specs, seg_operands = _tpu_segments(cfg, qseg, kseg,
+                                           lambda bi, kh, ki, gi, j, idx, *_: (bi, 0, idx[ki, j]),
+                                           lambda bi, kh, ki, gi, j, *_: (bi, ki, 0), transposed=True)
+  tbl_spec, tbl = _tpu_table(cfg, lambda bi, kh, ki, gi, j, idx, kind, cnt, blk: (blk[ki, j], 0, 0), True)
+  in_specs = [pl.BlockSpec((None, None, bq, d), qh_map), pl.BlockSpec((None, None, bk, d), k_map),
+              pl.BlockSpec((None, None, bk, d), k_map), pl.BlockSpec((None, None, bq, d), qh_map),
+              pl.BlockSpec((None, None, 1, bq), row_map), pl.BlockSpec((None, None, 1, bq), row_map), *seg_specs,
+              tbl_spec]
+  operands = [q, k, v, do, lse[:, :, None, :], delta[:, :, None, :], *seg_operands, tbl]
+  kv_out = pl.BlockSpec((None, None, bk, d), k_map)
+  dk, dv = pl.pallas_call(
+      functools.partial(_tpu_dkv_kernel, cfg=cfg),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=4, grid=(b, kvh, nk, g, wb), in_specs=in_specs, out_specs=[kv_out, kv_out],
+          scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+      cost_estimate=_cost(cfg, b, h, d, itemsize, "dkv"), interpret=interp,
+      name=f"block_sparse_attention_dkv_tpu_bq{bq}_bk{bk}",
+  )(jnp.asarray(meta.dkv_q_index), jnp.asarray(meta.dkv_kind), jnp.asarray(meta.dkv_count),
+    jnp.asarray(meta.dkv_block_id), *operands)
+  return dq, dk, dv
