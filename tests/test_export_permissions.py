@@ -10,7 +10,7 @@ import pytest
 
 from ardiff.config import ModelConfig
 from ardiff.export import hf as hf_lib
-from ardiff.export import params as params_lib
+from ardiff.checkpoints import params_dir as params_lib
 from ardiff.model import init_params
 
 

@@ -12,11 +12,12 @@ import pytest
 from ardiff import cli, experiment
 from ardiff.export import convert
 from ardiff.export import hf as hf_lib
-from ardiff.export import io as io_lib
 from ardiff.export import main as export_main
 from ardiff.export import params as params_lib
+from ardiff.checkpoints import checkpointer as checkpoint_lib
+from ardiff.checkpoints import params_dir as params_dir_lib
+from ardiff.checkpoints import staging as staging_lib
 from ardiff.model import init_params
-from ardiff.training import checkpoint as checkpoint_lib
 from ardiff.training import evaluate as evaluate_lib
 from ardiff.training import main as train_main
 from ardiff.training import train_state as train_state_lib
@@ -70,7 +71,7 @@ def test_params_dir_evaluates_like_the_run(tmp_path, run, fmt, capsys):
   run_dir, exp, params, _ = run
   out = str(tmp_path / "params")
   assert cli.main(["ardiff", "export", "--run_dir", run_dir, "--to", "params", "--format", fmt, "--out", out]) == 0
-  assert params_lib.is_params_dir(out) and os.path.isfile(os.path.join(out, "config.json"))
+  assert params_dir_lib.is_params_dir(out) and os.path.isfile(os.path.join(out, "config.json"))
   assert os.path.exists(os.path.join(out, "params.safetensors" if fmt == "safetensors" else "params"))
   exp2, model, loaded = train_main.load_run(out)
   assert exp2.model == exp.model and exp2.objective == exp.objective and exp2.data == exp.data
@@ -214,13 +215,13 @@ def test_populated_output_is_refused_before_writing(tmp_path, run):
   src.mkdir()
   (src / "main.py").write_text("")
   with pytest.raises(FileExistsError, match="not an earlier export"):
-    io_lib.check_output_dir(src, overwrite=True)
+    staging_lib.check_output_dir(src, overwrite=True)
 
 
 def test_failed_export_leaves_nothing(tmp_path, run):
   _, exp, params, _ = run
   broken = {k: v for k, v in params.items() if k != "norm"}
-  for fn in (lambda o: hf_lib.export_hf(broken, exp.model, o), lambda o: params_lib.save_params_dir(
+  for fn in (lambda o: hf_lib.export_hf(broken, exp.model, o), lambda o: params_dir_lib.save_params_dir(
       broken, exp.model, o)):
     with pytest.raises(ValueError, match=r"missing \['norm/weight'\]"):
       fn(str(tmp_path / "x"))
@@ -248,7 +249,7 @@ def test_corrupt_params_dir_errors(tmp_path, run):
   with pytest.raises(FileNotFoundError, match="config.json not found"):
     train_main.load_run(out)
   with pytest.raises(FileNotFoundError, match="is not a params directory"):
-    params_lib.load_params_dir(str(tmp_path))
+    params_dir_lib.load_params_dir(str(tmp_path))
 
 
 def test_convert_rejects_bad_block_size_before_writing(tmp_path, run):

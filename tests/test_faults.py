@@ -15,10 +15,11 @@ import pytest
 
 from ardiff import cli, experiment, sharding
 from ardiff.model import init_params
-from ardiff.training import checkpoint as checkpoint_lib
+from ardiff.checkpoints import checkpointer as checkpoint_lib
+from ardiff.checkpoints import paths as paths_lib
+from ardiff.checkpoints import run_dir as run_dir_lib
 from ardiff.training import main as train_main
 from ardiff.training import optimizer as optimizer_lib
-from ardiff.training import run_dir as run_dir_lib
 from ardiff.training import train_state as train_state_lib
 from tiny_runs import tiny_config
 
@@ -166,13 +167,12 @@ def test_rewind_metrics_drops_later_and_cut_lines(tmp_path):
 def test_paths_keep_urls_and_expand_local(monkeypatch, tmp_path):
   monkeypatch.setenv("HOME", str(tmp_path))
   for url in ("gs://bucket/x", "s3://b/run"):
-    p = run_dir_lib.as_path(url)
+    p = paths_lib.as_path(url)
     assert str(p) == url and str(p / "checkpoints") == url + "/checkpoints"  # never ./gs:/bucket/x
-  assert str(run_dir_lib.as_path("~/run")) == str(tmp_path / "run")
-  from ardiff.export import io as io_lib
-  assert io_lib.clean_path("gs://bucket/out") == "gs://bucket/out" and io_lib.clean_path("~/o") == str(tmp_path / "o")
+  assert str(paths_lib.as_path("~/run")) == str(tmp_path / "run")
+  assert paths_lib.clean_path("gs://bucket/out") == "gs://bucket/out" and paths_lib.clean_path("~/o") == str(tmp_path / "o")
   monkeypatch.chdir(tmp_path)
-  assert str(run_dir_lib.as_path("rel")) == str(tmp_path / "rel")
+  assert str(paths_lib.as_path("rel")) == str(tmp_path / "rel")
 
 
 def test_train_nan_update_saves_the_last_good_state_and_releases_everything(tmp_path, data_dir, monkeypatch):

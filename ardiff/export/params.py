@@ -1,16 +1,13 @@
 """``ardiff export --to params``: a training run's latest parameters (or EMA) as a params directory.
 
-The params-directory format itself (layout, :func:`save_params_dir`, :func:`load_params_dir`, checks) is read and
-written in :mod:`ardiff.checkpoints.params_dir`; its names are re-exported here for existing callers.
+The params-directory format itself (layout, ``save_params_dir``, ``load_params_dir``, checks) is read and written in
+:mod:`ardiff.checkpoints.params_dir`.
 """
 
 from __future__ import annotations
 
 from ardiff.checkpoints import staging
-from ardiff.checkpoints.params_dir import (FORMATS, MODEL_CONFIG_FILE, ORBAX_DIR, RUN_CONFIG_FILE,  # noqa: F401
-                                           SAFETENSORS_FILE, WEIGHT_FIELDS, check_compatible, check_params_match,
-                                           is_params_dir, load_params_dir, read_meta, resolve_tokenizer_path,
-                                           save_params_dir, tokenizer_file_of)
+from ardiff.checkpoints.params_dir import FORMATS, save_params_dir, tokenizer_file_of
 from ardiff.checkpoints.run_dir import load_run
 
 
