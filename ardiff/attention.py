@@ -1,6 +1,6 @@
 """Attention routing: ``impl = xla | pallas | auto`` and the sharded call of the Pallas kernels.
 
-Shapes: ``q_btnh`` is ``[batch, q_len, heads, head_dim]``; ``k_bsnh``/``v_bsnh`` are
+Shapes: ``q`` is ``[batch, q_len, heads, head_dim]``; ``k`` and ``v`` are
 ``[batch, kv_len, kv_heads, head_dim]`` with ``kv_heads`` dividing ``heads`` (GQA). The semantics (static mask,
 packing, cache validity; empty rows give zeros) are those of :func:`kernels_pallas.reference.reference_attention`,
 which is also the XLA path.
@@ -66,7 +66,7 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def attention(q_btnh, k_bsnh, v_bsnh, *, mask: masks_lib.Mask, impl: str = "xla", q_offsets=None,
+def attention(q, k, v, *, mask: masks_lib.Mask, impl: str = "xla", q_offsets=None,
               q_segment_ids=None, kv_segment_ids=None, kv_lengths=None, sm_scale=None,
               logit_soft_cap=None) -> jax.Array:
   """Masked attention through the implementation named by ``impl`` (see :func:`resolve_impl`).
@@ -77,8 +77,8 @@ def attention(q_btnh, k_bsnh, v_bsnh, *, mask: masks_lib.Mask, impl: str = "xla"
   kwargs = dict(mask=mask, q_offsets=q_offsets, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                 kv_lengths=kv_lengths, sm_scale=sm_scale, logit_soft_cap=logit_soft_cap)
   if impl == "xla":
-    return reference_attention(q_btnh, k_bsnh, v_bsnh, **kwargs)
-  return pallas_attention(q_btnh, k_bsnh, v_bsnh, **kwargs)
+    return reference_attention(q, k, v, **kwargs)
+  return pallas_attention(q, k, v, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------------------

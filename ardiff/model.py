@@ -69,15 +69,18 @@ def _dense_init(config: ModelConfig, axes):
   return nn.with_logical_partitioning(nn.initializers.normal(config.init_std), axes)
 
 
-def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, Hugging Face convention (rotate half: pairs are (i, i + d/2)), computed in float32."""
-  d = x_btnh.shape[-1]
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, Hugging Face convention (rotate half: pairs are (i, i + d/2)), computed in float32.
+
+  ``x``: ``[batch, length, heads, head_dim]``; ``positions``: ``[batch, length]``.
+  """
+  d = x.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  freqs = positions_bt.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2]
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  x = x_btnh.astype(jnp.float32)
-  rotated = jnp.concatenate([-x[..., d // 2:], x[..., :d // 2]], axis=-1)
-  return (x * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x_btnh.dtype)
+  xf = x.astype(jnp.float32)
+  rotated = jnp.concatenate([-xf[..., d // 2:], xf[..., :d // 2]], axis=-1)
+  return (xf * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -119,15 +122,17 @@ class Attention(nn.Module):
   mask: masks_lib.Mask
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, segment_ids_bt, cache_k, cache_v, cache_lengths):
+  def __call__(self, x, positions_bt, segment_ids_bt, cache_k, cache_v, cache_lengths):
+    """``x``: ``[batch, length, embed]`` -> ``([batch, length, embed], new (k, v) cache or None)``."""
     cfg = self.config
+    # Einsum letters: b batch, t length, d embed, n heads, h head_dim.
 
     q = Projection(cfg, (cfg.embed_dim, cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
-                   "btd,dnh->btnh", use_bias=cfg.qkv_bias, name="q_proj")(x_btd)
+                   "btd,dnh->btnh", use_bias=cfg.qkv_bias, name="q_proj")(x)
     k = Projection(cfg, (cfg.embed_dim, cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
-                   "btd,dnh->btnh", use_bias=cfg.qkv_bias, name="k_proj")(x_btd)
+                   "btd,dnh->btnh", use_bias=cfg.qkv_bias, name="k_proj")(x)
     v = Projection(cfg, (cfg.embed_dim, cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
-                   "btd,dnh->btnh", use_bias=cfg.qkv_bias, name="v_proj")(x_btd)
+                   "btd,dnh->btnh", use_bias=cfg.qkv_bias, name="v_proj")(x)
     q = apply_rope(q, positions_bt, cfg.rope_theta)
     k = apply_rope(k, positions_bt, cfg.rope_theta)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
@@ -142,12 +147,12 @@ class Attention(nn.Module):
       if segment_ids_bt is not None:
         raise ValueError("segment_ids are for packed training batches; a cached forward takes one sequence per "
                          "row (ragged rows are handled by the cache's per-row lengths).")
-      write = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0)))
+      write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (s, 0, 0)))
       cache_k, cache_v = write(cache_k, k, cache_lengths), write(cache_v, v, cache_lengths)
       new_kv = (cache_k, cache_v)
       out = attention_lib.attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask=self.mask,
                                     impl=cfg.attention_impl, q_offsets=cache_lengths,
-                                    kv_lengths=cache_lengths + x_btd.shape[1])
+                                    kv_lengths=cache_lengths + x.shape[1])
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     o = Projection(cfg, (cfg.num_heads, cfg.head_dim, cfg.embed_dim), ("heads", "head_dim", "embed"),
                    "btnh,nhd->btd", name="o_proj")(out)
@@ -158,12 +163,13 @@ class Mlp(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_btd):
+  def __call__(self, x):
+    """``[batch, length, embed]`` -> ``[batch, length, embed]``."""
     cfg = self.config
     dense = lambda feats, axes, name: nn.Dense(feats, use_bias=False, name=name, dtype=cfg.compute_dtype,
                                                param_dtype=cfg.weight_dtype, kernel_init=_dense_init(cfg, axes))
-    gate = dense(cfg.mlp_dim, ("embed", "mlp"), "gate_proj")(x_btd)
-    up = dense(cfg.mlp_dim, ("embed", "mlp"), "up_proj")(x_btd)
+    gate = dense(cfg.mlp_dim, ("embed", "mlp"), "gate_proj")(x)
+    up = dense(cfg.mlp_dim, ("embed", "mlp"), "up_proj")(x)
     h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
     return dense(cfg.embed_dim, ("mlp", "embed"), "down_proj")(h)
 
@@ -173,11 +179,11 @@ class DecoderLayer(nn.Module):
   mask: masks_lib.Mask
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, segment_ids_bt, cache_k, cache_v, cache_lengths):
+  def __call__(self, x, positions_bt, segment_ids_bt, cache_k, cache_v, cache_lengths):
     attn_out, new_kv = Attention(self.config, self.mask, name="self_attn")(
-        RMSNorm(self.config, name="input_layernorm")(x_btd), positions_bt, segment_ids_bt, cache_k, cache_v,
+        RMSNorm(self.config, name="input_layernorm")(x), positions_bt, segment_ids_bt, cache_k, cache_v,
         cache_lengths)
-    h = x_btd + attn_out
+    h = x + attn_out
     h = h + Mlp(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(h))
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     return h, new_kv

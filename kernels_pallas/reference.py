@@ -1,6 +1,6 @@
 """The dense masked-softmax attention every kernel (and the model's XLA path) is tested against: pure ``jnp``.
 
-Shapes: ``q_btnh`` is ``[batch, q_len, heads, head_dim]``; ``k_bsnh``/``v_bsnh`` are
+Shapes: ``q`` is ``[batch, q_len, heads, head_dim]``; ``k`` and ``v`` are
 ``[batch, kv_len, kv_heads, head_dim]`` with ``kv_heads`` dividing ``heads`` (GQA: query head ``i`` reads kv head
 ``i // (heads // kv_heads)``).
 
@@ -42,18 +42,18 @@ def allowed_bqk(mask: masks_lib.Mask, *, batch: int, q_len: int, kv_len: int, q_
   return jnp.broadcast_to(allowed, (allowed.shape[0], q_len, kv_len))
 
 
-def reference_attention(q_btnh, k_bsnh, v_bsnh, *, mask: masks_lib.Mask, q_offsets=None, q_segment_ids=None,
+def reference_attention(q, k, v, *, mask: masks_lib.Mask, q_offsets=None, q_segment_ids=None,
                         kv_segment_ids=None, kv_lengths=None, sm_scale: Optional[float] = None,
                         logit_soft_cap: Optional[float] = None) -> jax.Array:
   """Dense masked softmax attention in float32 (see the module docstring); ``[batch, q_len, heads, head_dim]`` in
   q's dtype."""
-  check_shapes(q_btnh, k_bsnh, v_bsnh)
-  b, t, h, d = q_btnh.shape
-  _, s, kvh, _ = k_bsnh.shape
+  check_shapes(q, k, v)
+  b, t, h, d = q.shape
+  _, s, kvh, _ = k.shape
   groups = h // kvh
   scale = d ** -0.5 if sm_scale is None else sm_scale
-  q = q_btnh.reshape(b, t, kvh, groups, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k_bsnh, preferred_element_type=jnp.float32) * scale
+  q_grouped = q.reshape(b, t, kvh, groups, d)  # query head i reads kv head i // groups
+  logits = jnp.einsum("btkgd,bskd->bkgts", q_grouped, k, preferred_element_type=jnp.float32) * scale
   if logit_soft_cap is not None:
     logits = logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
   allowed = allowed_bqk(mask, batch=b, q_len=t, kv_len=s, q_offsets=q_offsets, q_segment_ids=q_segment_ids,
@@ -64,8 +64,8 @@ def reference_attention(q_btnh, k_bsnh, v_bsnh, *, mask: masks_lib.Mask, q_offse
   p = jnp.where(allowed, jnp.exp(logits - row_max), 0.0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
   p = p / jnp.where(denom == 0.0, 1.0, denom)
-  out = jnp.einsum("bkgts,bskd->btkgd", p, v_bsnh.astype(jnp.float32))
-  return out.reshape(b, t, h, d).astype(q_btnh.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32))
+  return out.reshape(b, t, h, d).astype(q.dtype)
 
 
 def check_shapes(q, k, v) -> None:
