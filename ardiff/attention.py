@@ -86,28 +86,25 @@ def attention(q, k, v, *, mask: masks_lib.Mask, impl: str = "xla", q_offsets=Non
 
 
 @contextlib.contextmanager
-def interpret_mode(backend: str = "tpu"):
-  """Within the block, :func:`pallas_attention` runs ``backend``'s kernels in the Pallas interpreter."""
+def _override(var: contextvars.ContextVar, backend: str, what: str):
   if backend not in BACKENDS:
-    raise ValueError(f"interpret_mode backend must be one of {BACKENDS}, got {backend!r}.")
-  token = _INTERPRET.set(backend)
+    raise ValueError(f"{what} must be one of {BACKENDS}, got {backend!r}.")
+  token = var.set(backend)
   try:
     yield
   finally:
-    _INTERPRET.reset(token)
+    var.reset(token)
 
 
-@contextlib.contextmanager
+def interpret_mode(backend: str = "tpu"):
+  """Within the block, :func:`pallas_attention` runs ``backend``'s kernels in the Pallas interpreter."""
+  return _override(_INTERPRET, backend, "interpret_mode backend")
+
+
 def target_backend(backend: str = "tpu"):
   """Within the block, :func:`pallas_attention` compiles ``backend``'s kernels (not interpreted) regardless of
   ``jax.default_backend()``: for AOT compiles that run on a CPU host but target TPU devices."""
-  if backend not in BACKENDS:
-    raise ValueError(f"target_backend must be one of {BACKENDS}, got {backend!r}.")
-  token = _TARGET.set(backend)
-  try:
-    yield
-  finally:
-    _TARGET.reset(token)
+  return _override(_TARGET, backend, "target_backend")
 
 
 def _resolve(backend: Optional[str], interpret: bool) -> tuple[str, bool]:
