@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from typing import Any, Mapping
 
 import ml_collections
@@ -24,13 +25,13 @@ import ml_collections
 from ardiff import sharding
 from ardiff.config import ModelConfig, unknown_keys_error
 from ardiff.objectives.base import ObjectiveConfig
-from ardiff.sections import DataConfig, MeshConfig, OptimizerConfig, TrainConfig, check_dict
+from ardiff.sections import DataConfig, ImageConfig, MeshConfig, OptimizerConfig, TrainConfig, check_dict
 
 # The section classes, in config order. optimizer.total_steps is derived from train.num_steps, never configured.
 SECTION_TYPES = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig, "mesh": MeshConfig,
                  "optimizer": OptimizerConfig, "train": TrainConfig}
 DERIVED = {"optimizer": ("total_steps",)}
-TOP_LEVEL = set(SECTION_TYPES) | {"rules", "name"}
+TOP_LEVEL = set(SECTION_TYPES) | {"rules", "name", "image"}  # image: optional (ardiff.images)
 BYTE_MASK_ID = 258  # the byte tokenizer's [MASK] (256 bytes, then BOS, EOS, MASK)
 
 
@@ -70,6 +71,7 @@ class Experiment:
   optimizer: OptimizerConfig
   train: TrainConfig
   raw: Any  # the ConfigDict, kept to be saved next to checkpoints (config.json)
+  image: Any = None  # ImageConfig when the config has an image section (ardiff.images), else None
 
 
 def _section_dict(config, name) -> dict:
@@ -118,11 +120,46 @@ def validate(config: ml_collections.ConfigDict, *, devices=None) -> Experiment:
   if train.batch_size % opt.grad_accum_steps:
     raise ValueError(f"optimizer.grad_accum_steps={opt.grad_accum_steps} must divide "
                      f"train.batch_size={train.batch_size}.")
+  image = None
+  if config.get("image") is not None:
+    image_dict = _section_dict(config, "image")
+    check_dict("image", ImageConfig, image_dict)
+    image = ImageConfig.from_dict(image_dict)
+    image.check(model, objective, data)
+  else:  # image runs feed pixel tokens, not data.tokenizer's
+    check_tokenizer(model, objective.kind, data.tokenizer)
   exp = Experiment(name=str(config.get("name", "experiment")), model=model, objective=objective, data=data,
-                   mesh=mesh, rules=_rules(config), optimizer=opt, train=train, raw=config)
+                   mesh=mesh, rules=_rules(config), optimizer=opt, train=train, raw=config, image=image)
   if devices is not None:
     _check_on_devices(exp, devices)
   return exp
+
+
+def _tokenizer_file_missing(spec: str) -> bool:
+  kind, _, arg = spec.strip().partition(":")
+  return kind.lower() != "byte" and ("://" in arg or not os.path.isfile(os.path.expanduser(arg)))
+
+
+def check_tokenizer(model: ModelConfig, objective_kind: str, spec: str) -> None:
+  """``model.vocab_size`` holds every id of the tokenizer ``spec`` and, for a diffusion objective,
+  ``model.mask_token_id`` is the tokenizer's [MASK]; one message names every mismatch and the flags that fix it.
+
+  A tokenizer file that is not there (a placeholder path of a TPU config that is only compiled, or a URL) is not
+  opened here: the data pipeline names a missing file when it first reads data.
+  """
+  if _tokenizer_file_missing(spec):
+    return
+  from ardiff.data.tokenizers import make_tokenizer  # local: config files stay cheap to load
+  tok = make_tokenizer(spec)
+  wrong, fix = [], []
+  if tok.vocab_size > model.vocab_size:
+    wrong.append(f"it has {tok.vocab_size} ids but model.vocab_size={model.vocab_size}")
+    fix.append(f"--config.model.vocab_size={tok.vocab_size}")
+  if objective_kind != "ar" and tok.mask_id is not None and tok.mask_id != model.mask_token_id:
+    wrong.append(f"its [MASK] id is {tok.mask_id} but model.mask_token_id={model.mask_token_id}")
+    fix.append(f"--config.model.mask_token_id={tok.mask_id}")
+  if wrong:
+    raise ValueError(f"data.tokenizer={spec!r} does not fit the model: {'; '.join(wrong)}. Fix: {' '.join(fix)}.")
 
 
 def _check_on_devices(exp: Experiment, devices) -> None:

@@ -240,3 +240,97 @@ class TrainConfig(_Section):
     if not self.run_dir.strip():
       raise ValueError("train.run_dir is empty; give the directory to write the run to, e.g. "
                        "--config.train.run_dir=runs/my_run.")
+
+
+IMAGE_DATASETS = {"digits": 8, "fashion_mnist": 28}  # native side (square images, 10 classes each)
+IMAGE_CLASSES = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageConfig(_Section):
+  """Image experiments (``config.image``, optional; :mod:`ardiff.images`, docs/images.md). Present = the run trains
+  on images: ``kind="discrete"`` runs the text backbone and objective on grey-level tokens, ``"continuous"`` the
+  ACDiT model (patch vectors, rectified flow inside blocks of ``objective.block_size`` patches).
+
+  dataset:        "digits" (vendored) | "fashion_mnist" (Debian dataset-fashion-mnist under data_dir).
+  data_dir:       Fashion-MNIST IDX directory ("" = /usr/share/datasets/fashion-mnist).
+  size:           side after mean-pooling (0 = native: 8 digits, 28 Fashion-MNIST).
+  kind:           "discrete" | "continuous".
+  levels:         discrete: grey levels (token ids 0..levels-1; then 10 class ids, then [MASK]).
+  order:          discrete token order: "raster" (a block of B = k rows when B = k * side) or "patch" (patch_size^2
+                  pixels of one patch, patches in raster order: a block of patch_size^2 tokens = one patch).
+  patch_size:     patch side (continuous tokens; discrete order="patch").
+  label_dropout:  continuous: probability of training with the null class (classifier-free guidance).
+  cfg_scale:      continuous: guidance scale at sampling (1 = plain conditional).
+  denoise_steps:  continuous: Euler steps per block at sampling.
+  """
+
+  SECTION = "image"
+
+  dataset: str = "digits"
+  data_dir: str = ""
+  size: int = 0
+  kind: str = "discrete"
+  levels: int = 17
+  order: str = "raster"
+  patch_size: int = 2
+  label_dropout: float = 0.1
+  cfg_scale: float = 2.0
+  denoise_steps: int = 16
+
+  def __post_init__(self):
+    check_fields("image", self)
+    if self.dataset not in IMAGE_DATASETS:
+      raise ValueError(f"image.dataset={self.dataset!r} must be one of {sorted(IMAGE_DATASETS)}.")
+    for name, allowed in (("kind", ("discrete", "continuous")), ("order", ("raster", "patch"))):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"image.{name}={getattr(self, name)!r} must be one of {allowed}.")
+    if self.size < 0 or (self.size and IMAGE_DATASETS[self.dataset] % self.size):
+      raise ValueError(f"image.size={self.size} must be 0 (native) or divide the native side "
+                       f"{IMAGE_DATASETS[self.dataset]} of {self.dataset}.")
+    if not 2 <= self.levels <= 256:
+      raise ValueError(f"image.levels={self.levels} must lie in [2, 256].")
+    _at_least("image", self, ("patch_size", "denoise_steps"), 1)
+    if self.side % self.patch_size:
+      raise ValueError(f"image.patch_size={self.patch_size} must divide the image side {self.side}.")
+    if not 0.0 <= self.label_dropout < 1.0 or self.cfg_scale < 0:
+      raise ValueError(f"image.label_dropout={self.label_dropout} must lie in [0, 1) and image.cfg_scale="
+                       f"{self.cfg_scale} be >= 0.")
+
+  @property
+  def side(self) -> int:
+    return self.size or IMAGE_DATASETS[self.dataset]
+
+  @property
+  def num_tokens(self) -> int:
+    """Pixels (discrete) or patches (continuous) per image."""
+    return self.side ** 2 if self.kind == "discrete" else (self.side // self.patch_size) ** 2
+
+  @property
+  def mask_id(self) -> int:
+    return self.levels + IMAGE_CLASSES
+
+  def check(self, model, objective, data) -> None:
+    """Cross-section checks (sizes the image fixes), naming the value and the fix."""
+    n = self.num_tokens
+    if self.kind == "continuous":
+      if data.seq_len != n:
+        raise ValueError(f"data.seq_len={data.seq_len} must be the number of {self.patch_size}x{self.patch_size} "
+                         f"patches, {n}, for continuous {self.side}x{self.side} images; set data.seq_len={n}.")
+      if objective.kind != "block_diffusion":
+        raise ValueError(f"image.kind='continuous' trains blocks of objective.block_size patches; set "
+                         f"objective.kind='block_diffusion' (got {objective.kind!r}).")
+      return
+    if data.seq_len <= n:
+      raise ValueError(f"data.seq_len={data.seq_len} must be the {n} pixels plus a class prefix (>= 1 token), "
+                       f"e.g. data.seq_len={n + 1} (AR, MDLM) or {n} + objective.block_size (block diffusion).")
+    if objective.kind == "tidar":
+      raise ValueError("image.kind='discrete' supports objective.kind 'ar' and 'block_diffusion', not 'tidar'.")
+    if model.vocab_size != self.mask_id + 1:
+      raise ValueError(f"model.vocab_size={model.vocab_size} must be levels + 10 classes + [MASK] = "
+                       f"{self.mask_id + 1}; set model.vocab_size={self.mask_id + 1}.")
+    if objective.kind != "ar" and model.mask_token_id != self.mask_id:
+      raise ValueError(f"model.mask_token_id={model.mask_token_id} must be {self.mask_id} (after the {self.levels} "
+                       f"grey levels and 10 class ids); set model.mask_token_id={self.mask_id}.")
+    if self.order == "patch" and self.side % self.patch_size:
+      raise ValueError(f"image.patch_size={self.patch_size} must divide the side {self.side} for order='patch'.")
