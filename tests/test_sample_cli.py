@@ -63,6 +63,14 @@ def test_sample_cli_speculative_needs_a_drafter(tidar_run, capsys):
   assert "sampler=speculative" in out and "NFE=3" in out, out
 
 
+def test_sample_cli_diffuspec_needs_a_block_diffusion_drafter(tidar_run):
+  with pytest.raises(ValueError, match="--sampler diffuspec needs --draft_checkpoint"):
+    sample_main.main(["ardiff sample", "--checkpoint", tidar_run, "--sampler", "diffuspec"])
+  with pytest.raises(ValueError, match="is a tidar run; diffuspec drafts with a block-diffusion run"):
+    sample_main.main(["ardiff sample", "--checkpoint", tidar_run, "--sampler", "diffuspec", "--draft_checkpoint",
+                      tidar_run])
+
+
 def test_too_long_prompt_is_refused_up_front(tidar_run, capsys):
   # The run's context (data.seq_len) is 32 tokens; BOS + 100 bytes used to run silently (a 14 kB prompt hung).
   start = time.perf_counter()

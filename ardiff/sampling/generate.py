@@ -13,11 +13,12 @@ import numpy as np
 from ardiff.attention import resolve_impl
 from ardiff.sampling.ar import sample_ar
 from ardiff.sampling.block_diffusion import sample_block_diffusion
+from ardiff.sampling.diffuspec import sample_diffuspec
 from ardiff.sampling.speculative import sample_speculative
 from ardiff.sampling.tidar import sample_tidar
 
 DEFAULT_PROMPT = "ROMEO.\n"
-SAMPLERS = ("ar", "block_diffusion", "tidar", "speculative")
+SAMPLERS = ("ar", "block_diffusion", "tidar", "speculative", "diffuspec")
 
 
 def encode_prompt(tok, text: str) -> list:
@@ -46,8 +47,9 @@ def generate(sampler: str, params, model, prompt, prompt_lengths, *, rng, num_to
 
   ``block_size`` (block diffusion, TiDAR) and the token shift default to ``objective``'s (the run's
   :class:`~ardiff.objectives.ObjectiveConfig`). ``draft = (draft_params, draft_model)`` is the speculative
-  drafter. ``options`` go to the sampler (block diffusion: ``strategy``, ``threshold``, ``steps_per_block``,
-  ``sub_block_size``, ``kv_write``...; speculative: ``num_draft``).
+  drafter (an AR model) or the DiffuSpec drafter (a block-diffusion model; ``block_size`` is then ITS block
+  size). ``options`` go to the sampler (block diffusion: ``strategy``, ``threshold``, ``steps_per_block``,
+  ``sub_block_size``, ``kv_write``...; speculative: ``num_draft``; diffuspec: ``num_draft``, ``draft_steps``).
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
@@ -64,6 +66,12 @@ def generate(sampler: str, params, model, prompt, prompt_lengths, *, rng, num_to
   if sampler == "tidar":
     return sample_tidar(params, model, prompt, prompt_lengths, max_new_tokens=num_tokens, block_size=block_size,
                         **common, **options)
+  if sampler == "diffuspec":
+    if draft is None or block_size is None:
+      raise ValueError("DiffuSpec needs a block-diffusion drafter and its block size: draft=(draft_params, "
+                       "draft_model), block_size=B (CLI: --draft_checkpoint DIR of a block-diffusion run).")
+    return sample_diffuspec(params, model, draft[0], draft[1], prompt, prompt_lengths, max_new_tokens=num_tokens,
+                            block_size=block_size, **common, **options)
   if sampler == "speculative":
     if draft is None:
       raise ValueError("speculative decoding needs a drafter: draft=(draft_params, draft_model) "

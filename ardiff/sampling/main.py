@@ -4,6 +4,7 @@ exported params directory); prints the samples, then one line of figures.
     python -m ardiff sample --checkpoint runs/default --prompt "ROMEO." --strategy threshold --threshold 0.9
     python -m ardiff sample --checkpoint runs/tidar_shakespeare --sampler tidar
     python -m ardiff sample --checkpoint runs/ar_shakespeare --sampler speculative --draft_checkpoint runs/ar_small
+    python -m ardiff sample --checkpoint runs/ar_shakespeare --sampler diffuspec --draft_checkpoint runs/default
 
 The prompt plus the new tokens must fit in the model's context, the run's data.seq_len (BOS included): a longer
 prompt is an error unless --truncate_prompt N keeps its last N tokens (a note says so). The byte tokenizer takes the
@@ -58,8 +59,12 @@ def parse_args(argv):
   bd.add_argument("--sub_block_size", type=int, default=None, help="Fast-dLLM v2 sub-blocks")
   bd.add_argument("--kv_write", choices=KV_WRITES, default="fused", help="clean-block K/V write")
   spec = p.add_argument_group("speculative decoding")
-  spec.add_argument("--draft_checkpoint", default=None, help="a small AR run (same tokenizer) as the drafter")
+  spec.add_argument("--draft_checkpoint", default=None,
+                    help="the drafter (same tokenizer): a small AR run (speculative) or a block-diffusion run "
+                         "(diffuspec)")
   spec.add_argument("--num_draft", type=int, default=4, help="drafted tokens per step")
+  spec.add_argument("--draft_steps", type=int, default=1,
+                    help="diffuspec: drafter forwards per step (slots filled left to right, 1..num_draft)")
   return p.parse_args(argv[1:])
 
 
@@ -123,7 +128,7 @@ def main(argv) -> int:
   tok = data_lib.make_tokenizer(exp.data.tokenizer)
   sampler = default_sampler(exp.objective, model) if args.sampler == "auto" else args.sampler
   context = exp.data.seq_len
-  options, draft = {}, None
+  options, draft, block_size = {}, None, args.block_size
   if sampler == "block_diffusion":
     options = dict(strategy=args.strategy, threshold=args.threshold, steps_per_block=args.steps_per_block,
                    sub_block_size=args.sub_block_size, kv_write=args.kv_write)
@@ -132,6 +137,17 @@ def main(argv) -> int:
       raise UsageError("--sampler speculative needs --draft_checkpoint DIR (a small AR run with the same vocab).")
     draft_exp, draft_model, draft_params = load_run(args.draft_checkpoint)
     draft, options = (draft_params, draft_model), dict(num_draft=args.num_draft)
+    context = min(context, draft_exp.data.seq_len)
+  elif sampler == "diffuspec":
+    if not args.draft_checkpoint:
+      raise UsageError("--sampler diffuspec needs --draft_checkpoint DIR (a block-diffusion run with the same vocab).")
+    draft_exp, draft_model, draft_params = load_run(args.draft_checkpoint)
+    if draft_exp.objective.kind != "block_diffusion" or draft_exp.objective.token_shift:
+      raise UsageError(f"--draft_checkpoint {args.draft_checkpoint} is a {draft_exp.objective.kind} run"
+                       + (" with token_shift" if draft_exp.objective.token_shift else "") + "; diffuspec drafts "
+                       "with a block-diffusion run without token shift (e.g. runs/default).")
+    draft, options = (draft_params, draft_model), dict(num_draft=args.num_draft, draft_steps=args.draft_steps)
+    block_size = block_size or draft_exp.objective.block_size
     context = min(context, draft_exp.data.seq_len)
   ids, num_tokens, note = fit_prompt(encode_prompt(tok, prompt_input(tok, args.prompt)), context=context,
                                      num_tokens=args.num_tokens, truncate=args.truncate_prompt, bos_id=tok.bos_id)
@@ -142,7 +158,7 @@ def main(argv) -> int:
 
   def run():
     res = generate(sampler, params, model, prompt, lengths, rng=jax.random.key(args.seed),
-                   num_tokens=num_tokens, objective=exp.objective, block_size=args.block_size, draft=draft,
+                   num_tokens=num_tokens, objective=exp.objective, block_size=block_size, draft=draft,
                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, eos_id=tok.eos_id, **options)
     jax.block_until_ready(res.tokens)
     return res
