@@ -54,6 +54,12 @@ class ModelConfig:
   rms_norm_eps: float = 1e-5
   tie_embeddings: bool = False
   qkv_bias: bool = False  # Qwen2 has biases on q/k/v projections.
+  o_bias: bool = False  # Llama/Qwen3 attention_bias=True: a bias on o_proj too
+  mlp_bias: bool = False  # Llama mlp_bias=True: biases on gate/up/down_proj
+  qk_norm: bool = False  # Qwen3: per-head RMSNorm (weight [head_dim]) on q and k before RoPE
+  # RoPE scaling (ardiff.rope): None, or (key, value) pairs with rope_type in linear/dynamic/yarn/llama3 and that
+  # type's parameters, named as transformers' rope_parameters; a mapping is accepted and stored as sorted pairs.
+  rope_scaling: Optional[tuple] = None
   dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
   param_dtype: str = "float32"
   scan_layers: bool = True
@@ -81,8 +87,22 @@ class ModelConfig:
       raise ValueError(f"model.remat_policy={self.remat_policy!r} must be one of {REMAT_POLICIES}.")
     if self.attention_impl not in ("xla", "pallas", "auto"):
       raise ValueError(f"model.attention_impl={self.attention_impl!r} must be 'xla', 'pallas' or 'auto'.")
+    if self.rope_scaling is not None:
+      from ardiff import rope
+      pairs = self.rope_scaling.items() if hasattr(self.rope_scaling, "items") else self.rope_scaling
+      try:
+        scaling = {str(k): v for k, v in pairs}
+      except (TypeError, ValueError):
+        raise ValueError(f"model.rope_scaling={self.rope_scaling!r} must be a mapping such as "
+                         "{'rope_type': 'llama3', 'factor': 8.0, ...} or None.") from None
+      rope.check_scaling(scaling)
+      object.__setattr__(self, "rope_scaling", tuple(sorted(scaling.items())))  # hashable, JSON round-trips
     if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
       raise ValueError(f"model.mask_token_id={self.mask_token_id} must lie in [0, vocab_size={self.vocab_size}).")
+
+  @property
+  def rope_scaling_dict(self) -> Optional[dict]:
+    return None if self.rope_scaling is None else dict(self.rope_scaling)
 
   @property
   def compute_dtype(self):
@@ -106,7 +126,8 @@ class ModelConfig:
     attn = self.embed_dim * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
     if self.qkv_bias:
       attn += self.head_dim * (self.num_heads + 2 * self.num_kv_heads)
-    mlp = 3 * self.embed_dim * self.mlp_dim
+    attn += self.embed_dim * self.o_bias + 2 * self.head_dim * self.qk_norm
+    mlp = 3 * self.embed_dim * self.mlp_dim + (2 * self.mlp_dim + self.embed_dim) * self.mlp_bias
     per_layer = attn + mlp + 2 * self.embed_dim
     embed = self.vocab_size * self.embed_dim * (1 if self.tie_embeddings else 2)
     return self.num_layers * per_layer + embed + self.embed_dim

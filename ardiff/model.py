@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from ardiff import attention as attention_lib
 from ardiff import masks as masks_lib
+from ardiff.rope import apply_rope  # noqa: F401  (its home is ardiff.rope; model.apply_rope kept for callers)
 from ardiff.config import ModelConfig
 
 
@@ -69,26 +70,13 @@ def _dense_init(config: ModelConfig, axes):
   return nn.with_logical_partitioning(nn.initializers.normal(config.init_std), axes)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, Hugging Face convention (rotate half: pairs are (i, i + d/2)), computed in float32.
-
-  ``x``: ``[batch, length, heads, head_dim]``; ``positions``: ``[batch, length]``.
-  """
-  d = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2]
-  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  xf = x.astype(jnp.float32)
-  rotated = jnp.concatenate([-xf[..., d // 2:], xf[..., :d // 2]], axis=-1)
-  return (xf * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
-
-
 class RMSNorm(nn.Module):
   config: ModelConfig
+  axes: tuple = ("embed",)  # ("head_dim",) for Qwen3's per-head q/k norms
 
   @nn.compact
   def __call__(self, x):
-    weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+    weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, self.axes),
                         (x.shape[-1],), self.config.weight_dtype)
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
@@ -110,9 +98,11 @@ class Projection(nn.Module):
     cfg = self.config
     kernel = self.param("kernel", _dense_init(cfg, self.axes), self.shape, cfg.weight_dtype)
     y = jnp.einsum(self.equation, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
-    if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]), self.shape[1:],
-                        cfg.weight_dtype)
+    if self.use_bias:  # one bias per output feature: the kernel axes that reach the output ([H, hd] or [D])
+      inputs, output = self.equation.split("->")
+      out = [i for i, c in enumerate(inputs.split(",")[1]) if c in output]
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.axes[i] for i in out)),
+                        tuple(self.shape[i] for i in out), cfg.weight_dtype)
       y = y + bias.astype(cfg.compute_dtype)
     return y
 
@@ -133,8 +123,11 @@ class Attention(nn.Module):
                    "btd,dnh->btnh", use_bias=cfg.qkv_bias, name="k_proj")(x)
     v = Projection(cfg, (cfg.embed_dim, cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
                    "btd,dnh->btnh", use_bias=cfg.qkv_bias, name="v_proj")(x)
-    q = apply_rope(q, positions_bt, cfg.rope_theta)
-    k = apply_rope(k, positions_bt, cfg.rope_theta)
+    if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of every head, before RoPE
+      q = RMSNorm(cfg, ("head_dim",), name="q_norm")(q)
+      k = RMSNorm(cfg, ("head_dim",), name="k_norm")(k)
+    q = apply_rope(q, positions_bt, cfg.rope_theta, cfg.rope_scaling_dict)
+    k = apply_rope(k, positions_bt, cfg.rope_theta, cfg.rope_scaling_dict)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
     k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -155,7 +148,7 @@ class Attention(nn.Module):
                                     kv_lengths=cache_lengths + x.shape[1])
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     o = Projection(cfg, (cfg.num_heads, cfg.head_dim, cfg.embed_dim), ("heads", "head_dim", "embed"),
-                   "btnh,nhd->btd", name="o_proj")(out)
+                   "btnh,nhd->btd", use_bias=cfg.o_bias, name="o_proj")(out)
     return o, new_kv
 
 
@@ -166,7 +159,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     """``[batch, length, embed]`` -> ``[batch, length, embed]``."""
     cfg = self.config
-    dense = lambda feats, axes, name: nn.Dense(feats, use_bias=False, name=name, dtype=cfg.compute_dtype,
+    dense = lambda feats, axes, name: nn.Dense(feats, use_bias=cfg.mlp_bias, name=name, dtype=cfg.compute_dtype,
                                                param_dtype=cfg.weight_dtype, kernel_init=_dense_init(cfg, axes))
     gate = dense(cfg.mlp_dim, ("embed", "mlp"), "gate_proj")(x)
     up = dense(cfg.mlp_dim, ("embed", "mlp"), "up_proj")(x)
@@ -221,7 +214,13 @@ class Transformer(nn.Module):
                      param_dtype=cfg.weight_dtype,
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                  ("vocab", "embed")))
-    x = nn.with_logical_constraint(embed(tokens_bl), ("batch", "length", "embed"))
+    # Gather in the table's dtype, then cast (the same values as casting first): the backward scatter-add then
+    # accumulates in the weights' dtype. A bf16 scatter-add into a small vocabulary serialises on atomics on GPU
+    # (a 10x slower BD3 train step on an H200) and rounds every partial sum.
+    if not jnp.issubdtype(tokens_bl.dtype, jnp.integer):
+      raise ValueError(f"tokens must be integers, got dtype {tokens_bl.dtype}.")
+    x = jnp.take(embed.embedding, tokens_bl, axis=0).astype(cfg.compute_dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     layer_cls = DecoderLayer
     if cfg.remat_policy != "none":

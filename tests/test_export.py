@@ -200,11 +200,14 @@ def _write_config(d, **changes):
 
 @pytest.mark.parametrize("changes,match", [
     (dict(architectures=["MistralForCausalLM"], model_type="mistral"), "unsupported architecture"),
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope type 'llama3'"),
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope type 'yarn'"),
-    (dict(attention_bias=True), "attention_bias"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "llama3' needs low_freq_factor, high_freq_factor"),
+    (dict(rope_parameters={"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}), "rope type 'longrope'"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+     "partial_rotary_factor"),
+    (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", mlp_bias=True), "mlp_bias"),
     (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True), "sliding"),
+    (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True, max_window_layers=1),
+     r"sliding window to layers \[1\]"),
 ])
 def test_bad_config_errors_clearly(tmp_path, changes, match):
   d = _write_config(str(tmp_path / "bad"), **changes)

@@ -43,7 +43,7 @@ FORMATS = ("safetensors", "orbax")
 # ModelConfig fields that decide the parameter tree and its shapes; the others (dtype, attention_impl, remat,
 # mask id, init_std) may differ between the checkpoint and the model that loads it.
 WEIGHT_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-                 "tie_embeddings", "qkv_bias", "scan_layers")
+                 "tie_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "scan_layers")
 
 
 def is_params_dir(path) -> bool:

@@ -1,7 +1,7 @@
 """ardiff parameters -> a ``transformers``-loadable Hugging Face directory (safetensors, no torch).
 
-``export_hf(params, cfg, out_dir)`` writes ``config.json`` (``LlamaForCausalLM``, or ``Qwen2ForCausalLM`` when
-``cfg.qkv_bias``) plus ``model.safetensors`` that ``transformers`` loads with ``from_pretrained``. Extra, ardiff
+``export_hf(params, cfg, out_dir)`` writes ``config.json`` (``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or
+``Qwen3ForCausalLM``: :func:`ardiff.export.hf_config.hf_kind`) plus ``model.safetensors`` that ``transformers`` loads with ``from_pretrained``. Extra, ardiff
 specific keys (block size, [MASK] id, decoding defaults) go under ``config["ardiff"]`` via ``extra_config``.
 Layouts: :mod:`ardiff.export.hf_layout`.
 """

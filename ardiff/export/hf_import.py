@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Qwen2 directory -> ``(ModelConfig, params)`` (safetensors, no torch).
+"""Hugging Face Llama / Qwen2 / Qwen3 directory -> ``(ModelConfig, params)`` (safetensors, no torch).
 
 ``import_hf(model_dir)`` reads ``config.json`` and ``*.safetensors`` (single file or sharded through
 ``model.safetensors.index.json``) and returns ``(ModelConfig, params)``. With ``mesh=`` every array is created
@@ -20,7 +20,7 @@ import numpy as np
 from ardiff.checkpoints import tree_io
 from ardiff.config import DTYPES, ModelConfig
 from ardiff.export.hf_config import UnsupportedCheckpointError, config_from_hf, read_hf_config
-from ardiff.export.hf_layout import _LAYER, _get, _layer_specs, _read_identity, _read_transpose, _set
+from ardiff.export.hf_layout import _LAYER, _get, _layer_specs, _read_identity, _read_transpose, _set, layer_shapes
 
 _norm = tree_io.norm_index  # shared with the params-directory reader (ardiff/checkpoints/tree_io.py)
 
@@ -71,28 +71,21 @@ class _SafetensorsDir:
 
 def _leaf_plan(cfg: ModelConfig, st: _SafetensorsDir):
   """``[(ardiff path, per-layer HF names or None, HF name or None, reader, per-layer target shape)]``."""
-  D, H, K, hd, F, V = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
-  layer_shapes = {
-      "input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
-      "self_attn.q_proj.weight": (D, H, hd), "self_attn.k_proj.weight": (D, K, hd),
-      "self_attn.v_proj.weight": (D, K, hd), "self_attn.o_proj.weight": (H, hd, D),
-      "mlp.gate_proj.weight": (D, F), "mlp.up_proj.weight": (D, F), "mlp.down_proj.weight": (F, D),
-      "self_attn.q_proj.bias": (H, hd), "self_attn.k_proj.bias": (K, hd), "self_attn.v_proj.bias": (K, hd)}
-  hf_shapes = {
-      "input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
-      "self_attn.q_proj.weight": (H * hd, D), "self_attn.k_proj.weight": (K * hd, D),
-      "self_attn.v_proj.weight": (K * hd, D), "self_attn.o_proj.weight": (D, H * hd),
-      "mlp.gate_proj.weight": (F, D), "mlp.up_proj.weight": (F, D), "mlp.down_proj.weight": (D, F),
-      "self_attn.q_proj.bias": (H * hd,), "self_attn.k_proj.bias": (K * hd,), "self_attn.v_proj.bias": (K * hd,)}
+  D, V = cfg.embed_dim, cfg.vocab_size
+  shapes = layer_shapes(cfg)
   plan = []
   for path, suffix, reader, _ in _layer_specs(cfg):
     names = [_LAYER.format(i=i) + suffix for i in range(cfg.num_layers)]
     for n in names:
-      if st.shape(n) != hf_shapes[suffix]:
-        raise ValueError(f"{n}: shape {st.shape(n)} does not match config.json (expected {hf_shapes[suffix]}).")
-    plan.append((path, names, None, reader, layer_shapes[suffix]))
-  if not cfg.qkv_bias and _LAYER.format(i=0) + "self_attn.q_proj.bias" in st:
-    raise UnsupportedCheckpointError("the checkpoint has q/k/v biases but its config is not Qwen2-style.")
+      if st.shape(n) != shapes[suffix][1]:
+        raise ValueError(f"{n}: shape {st.shape(n)} does not match config.json (expected {shapes[suffix][1]}).")
+    plan.append((path, names, None, reader, shapes[suffix][0]))
+  expected = {suffix for _, suffix, _, _ in _layer_specs(cfg)}
+  stray = sorted(s for s in shapes if s not in expected and _LAYER.format(i=0) + s in st)
+  if stray:
+    raise UnsupportedCheckpointError(f"the checkpoint has {', '.join(stray)} (layer 0) but its config.json does "
+                                     "not ask for them (attention_bias / mlp_bias / architecture); they would be "
+                                     "ignored, so the import is refused.")
   top = [(("embed_tokens", "embedding"), "model.embed_tokens.weight", _read_identity, (V, D)),
          (("norm", "weight"), "model.norm.weight", _read_identity, (D,))]
   if not cfg.tie_embeddings:

@@ -1,4 +1,4 @@
-"""Tensor layouts of Hugging Face Llama / Qwen2 checkpoints vs ardiff parameters, read and written both ways.
+"""Tensor layouts of Hugging Face Llama / Qwen2 / Qwen3 checkpoints vs ardiff parameters, read and written both ways.
 
 Layouts (HF ``nn.Linear`` stores ``[out, in]``):
 
@@ -12,6 +12,8 @@ HF tensor                      HF shape                ardiff leaf (per layer)
 ``gate_proj/up_proj.weight``   ``[F, D]``              ``kernel [D, F]``
 ``down_proj.weight``           ``[D, F]``              ``kernel [F, D]``
 ``lm_head.weight``             ``[V, D]``              ``lm_head/kernel [D, V]``
+``o_proj.bias``, MLP biases    ``[D]`` / ``[F]``       same
+``q_norm/k_norm.weight``       ``[hd]``                same (Qwen3)
 =============================  ======================  =============================
 
 Each spec is ``(ardiff path inside a layer (or the model), HF name or suffix, reader, writer)``: the reader builds a
@@ -92,8 +94,31 @@ _TOP_SPECS = (
 _LM_HEAD = (("lm_head", "kernel"), "lm_head.weight", _read_transpose, lambda x: x.T)
 
 
+_O_BIAS_SPECS = ((("self_attn", "o_proj", "bias"), "self_attn.o_proj.bias", _read_identity, lambda x: x),)
+_MLP_BIAS_SPECS = tuple(((("mlp", p, "bias")), f"mlp.{p}.bias", _read_identity, lambda x: x)
+                        for p in ("gate_proj", "up_proj", "down_proj"))
+_QK_NORM_SPECS = tuple(((("self_attn", p, "weight")), f"self_attn.{p}.weight", _read_identity, lambda x: x)
+                       for p in ("q_norm", "k_norm"))
+
+
 def _layer_specs(cfg: ModelConfig):
-  return _LAYER_SPECS + (_BIAS_SPECS if cfg.qkv_bias else ())
+  return (_LAYER_SPECS + (_BIAS_SPECS if cfg.qkv_bias else ()) + (_O_BIAS_SPECS if cfg.o_bias else ())
+          + (_MLP_BIAS_SPECS if cfg.mlp_bias else ()) + (_QK_NORM_SPECS if cfg.qk_norm else ()))
+
+
+def layer_shapes(cfg: ModelConfig):
+  """``(ardiff per-layer shape, HF shape)`` of every per-layer HF suffix."""
+  D, H, K, hd, F = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  return {
+      "input_layernorm.weight": ((D,), (D,)), "post_attention_layernorm.weight": ((D,), (D,)),
+      "self_attn.q_proj.weight": ((D, H, hd), (H * hd, D)), "self_attn.k_proj.weight": ((D, K, hd), (K * hd, D)),
+      "self_attn.v_proj.weight": ((D, K, hd), (K * hd, D)), "self_attn.o_proj.weight": ((H, hd, D), (D, H * hd)),
+      "mlp.gate_proj.weight": ((D, F), (F, D)), "mlp.up_proj.weight": ((D, F), (F, D)),
+      "mlp.down_proj.weight": ((F, D), (D, F)),
+      "self_attn.q_proj.bias": ((H, hd), (H * hd,)), "self_attn.k_proj.bias": ((K, hd), (K * hd,)),
+      "self_attn.v_proj.bias": ((K, hd), (K * hd,)), "self_attn.o_proj.bias": ((D,), (D,)),
+      "mlp.gate_proj.bias": ((F,), (F,)), "mlp.up_proj.bias": ((F,), (F,)), "mlp.down_proj.bias": ((D,), (D,)),
+      "self_attn.q_norm.weight": ((hd,), (hd,)), "self_attn.k_norm.weight": ((hd,), (hd,))}
 
 
 def _set(tree: dict, path: Sequence[str], value) -> None:
