@@ -251,6 +251,10 @@ def write_samples(params, model, exp, tok, run_dir) -> str:
   texts = generate_for_experiment(params, model, exp, tok, num_samples=exp.train.num_samples,
                                   num_tokens=exp.train.sample_tokens, rng=jax.random.key(0))
   body = "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts))
+  from ardiff.data.word_share import sample_report
+  from ardiff.sampling.generate import DEFAULT_PROMPT
+  line = sample_report(texts, data_name=exp.data.name, tokenizer=exp.data.tokenizer, prompt=DEFAULT_PROMPT)
+  body += f"\n\n{line}" if line else ""
   (run_dir_lib.as_path(run_dir) / "samples.txt").write_text(body + "\n")
   return body
 
