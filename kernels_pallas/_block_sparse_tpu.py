@@ -20,12 +20,44 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas.block_sparse_metadata import MASKED, UNMASKED
-from kernels_pallas.common import NEG_INF, online_softmax_step
+from kernels_pallas.common import NEG_INF
 from kernels_pallas._block_sparse_common import _NT, _Config, _scores, _finalize, _probs, _allowed, _cost
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # TPU (Mosaic) kernels.
+
+LANES = 128  # the vreg lane count: per-row softmax statistics are kept replicated across one vreg row
+
+
+def _lanes(x, n: int):
+  """A lane-replicated ``[rows, 128]`` statistic as ``[rows, n]`` (tile, slice or broadcast; no data movement for
+  n == 128)."""
+  if n == LANES:
+    return x
+  if n % LANES == 0:
+    return jnp.tile(x, (1, n // LANES))
+  if n < LANES:
+    return x[:, :n]
+  return jnp.broadcast_to(x[:, :1], (x.shape[0], n))
+
+
+def _softmax_step(s, allowed, v, m_prev, l_prev, acc_prev):
+  """Online-softmax step with lane-replicated statistics: ``m_prev``/``l_prev`` are f32 ``[bq, 128]`` (every lane of
+  a row holds the same value), ``s`` f32 ``[bq, bk]``, ``acc_prev`` f32 ``[bq, d]``. Kept as ``[bq, 1]`` columns the
+  running max and sum need a lane broadcast before every use and lengthen the dependency chain of each tile; as
+  full vreg rows they combine with the tile elementwise. Masked entries contribute an exact 0."""
+  bk, d = s.shape[1], acc_prev.shape[1]
+  if allowed is not None:
+    s = jnp.where(allowed, s, NEG_INF)
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))  # [bq, 128]
+  p = jnp.exp(s - _lanes(m_new, bk))
+  if allowed is not None:
+    p = jnp.where(allowed, p, 0.0)
+  alpha = jnp.exp(m_prev - m_new)
+  l_new = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
+  acc_new = _lanes(alpha, d) * acc_prev + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return m_new, l_new, acc_new
 
 
 def _tpu_fwd_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, tbl_ref,
@@ -52,7 +84,7 @@ def _tpu_fwd_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref,
     s, _ = _scores(q_ref[...], k_ref[...], cfg)
     allowed = _allowed(cfg, q_abs, k_abs, tbl_ref[...] if (masked and cfg.table) else None,
                        qseg_ref[...] if cfg.segments else None, kseg_ref[...] if cfg.segments else None, masked)
-    m, l, acc = online_softmax_step(s, allowed, v_ref[...], m_scr[...], l_scr[...], acc_scr[...])
+    m, l, acc = _softmax_step(s, allowed, v_ref[...], m_scr[...], l_scr[...], acc_scr[...])
     m_scr[...], l_scr[...], acc_scr[...] = m, l, acc
     if counter:
       cnt_out_ref[bi, hi, qi] += 1
@@ -62,7 +94,8 @@ def _tpu_fwd_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref,
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _final():
-    o, lse = _finalize(l_scr[...], m_scr[...], acc_scr[...])
+    l, m = l_scr[...][:, :1], m_scr[...][:, :1]
+    o, lse = _finalize(l, m, acc_scr[...])
     o_ref[...] = o.astype(o_ref.dtype)
     lse_ref[...] = lse
 
@@ -111,7 +144,7 @@ def _tpu_fwd(cfg: _Config, q, k, v, qseg, kseg, counter: bool):
                jax.ShapeDtypeStruct((b, h, nq), jnp.int32) if counter else None]
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=4, grid=(b, h, nq, width), in_specs=in_specs, out_specs=out_specs,
-      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+      scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                       pltpu.VMEM((bq, d), jnp.float32)])
   sem = ("arbitrary",) * 4 if counter else ("parallel", "parallel", "parallel", "arbitrary")
   outs = pl.pallas_call(
