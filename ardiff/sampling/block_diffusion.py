@@ -44,7 +44,8 @@ from ardiff import masks as masks_lib
 from ardiff.model import KVCache
 from ardiff.sampling import common
 from ardiff.sampling.block_diffusion_options import KV_WRITES, BlockDiffusionOptions, check_rule_scalars
-from ardiff.sampling.commit_rules import STRATEGIES, commit_mask, first_sub_block, shift_logits, token_scores
+from ardiff.sampling.commit_rules import (STRATEGIES, commit_mask, first_sub_block, semantic_prefix, shift_logits,
+                                          token_scores)
 
 __all__ = ["KV_WRITES", "STRATEGIES", "BlockDiffusionOptions", "BlockDiffusionResult", "DenoiseState", "commit_mask",
            "first_sub_block", "sample_block_diffusion", "shift_logits"]
@@ -211,6 +212,8 @@ def commit_step(s: DenoiseState, served, knobs: Knobs, opts: BlockDiffusionOptio
   masked = s.unknown & stepping[:, None]
   if opts.sub_block_size:
     masked = first_sub_block(masked, opts.sub_block_size)
+  if opts.delimiters:
+    masked = semantic_prefix(masked, tok, conf, opts.delimiters, opts.delimiter_threshold)
   unmask_prob = 1.0 / jnp.maximum(opts.steps_per_block - s.i, 1).astype(jnp.float32)[:, None]  # (t - s) / t
   sel = commit_mask(opts.strategy, masked=masked, conf=conf, entropy=entropy,
                     rand_score=jax.random.uniform(k_pos, masked.shape), k=opts.k, threshold=knobs.threshold,
@@ -284,7 +287,8 @@ def _sample_bd(params, prompt, prompt_lengths, rng, knobs: Knobs, *, model, opts
 def sample_block_diffusion(params, model, prompt, prompt_lengths, *, rng, block_size: int, num_blocks: int,
                            strategy: str = "topk_confidence", steps_per_block: Optional[int] = None,
                            threshold: float = 0.9, factor: float = 1.0, gamma: float = 0.35,
-                           sub_block_size: Optional[int] = None, token_shift: bool = False,
+                           sub_block_size: Optional[int] = None, delimiters=(), delimiter_threshold: float = 0.9,
+                           token_shift: bool = False,
                            kv_write: str = "fused", temperature=0.0, top_k: int = 0, top_p: float = 1.0,
                            greedy: bool = False, eos_id: Optional[int] = None, pad_id: Optional[int] = None,
                            padding_side: str = "right", return_trace: bool = False) -> BlockDiffusionResult:
@@ -297,7 +301,9 @@ def sample_block_diffusion(params, model, prompt, prompt_lengths, *, rng, block_
   ``topk_confidence`` (k most confident), ``threshold`` (Fast-dLLM: top-1 plus every confidence >= τ),
   ``dynamic`` (SDAR: every confidence > τ if there are >= k of them, else top-k), ``factor`` (Fast-dLLM factor
   rule, ``factor`` = f), ``entropy_bounded`` (lowest-entropy prefix with total entropy <= ``gamma``).
-  ``sub_block_size`` (Fast-dLLM v2) restricts commits to the leftmost sub-block with masks. ``kv_write``:
+  ``sub_block_size`` (Fast-dLLM v2) restricts commits to the leftmost sub-block with masks; ``delimiters`` (token
+  ids) ends a step's commits at the first masked position predicted as a delimiter with confidence
+  ``>= delimiter_threshold`` (AdaBlock-style, :func:`~ardiff.sampling.commit_rules.semantic_prefix`). ``kv_write``:
   ``"fused"`` (default) or ``"separate"`` (module docstring). ``temperature == 0`` (default) or ``greedy`` takes argmax
   tokens; confidences are probabilities of the chosen token under the processed ([MASK]-free, temperature,
   top-k, top-p) distribution. ``eos_id`` stops rows independently after the block holding their first EOS.
@@ -308,6 +314,7 @@ def sample_block_diffusion(params, model, prompt, prompt_lengths, *, rng, block_
       model.config, block_size=int(block_size), num_blocks=int(num_blocks), strategy=strategy,
       steps_per_block=None if steps_per_block is None else int(steps_per_block),
       sub_block_size=None if sub_block_size is None else int(sub_block_size), token_shift=bool(token_shift),
+      delimiters=tuple(int(d) for d in delimiters), delimiter_threshold=float(delimiter_threshold),
       kv_write=kv_write, top_k=int(top_k), top_p=float(top_p), greedy=greedy, eos_id=eos_id, pad_id=pad_id,
       return_trace=bool(return_trace))
   knobs = Knobs(temperature=temperature, threshold=jnp.float32(threshold), factor=jnp.float32(factor),

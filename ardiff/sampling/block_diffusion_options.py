@@ -30,6 +30,8 @@ class BlockDiffusionOptions:
   strategy: str = "topk_confidence"
   steps_per_block: Optional[int] = None  # None: block_size
   sub_block_size: Optional[int] = None
+  delimiters: tuple = ()  # AdaBlock-style adaptive block end (commit_rules.semantic_prefix); () disables
+  delimiter_threshold: float = 0.9
   token_shift: bool = False
   kv_write: str = "fused"
   top_k: int = 0
@@ -59,6 +61,10 @@ class BlockDiffusionOptions:
     sub = self.sub_block_size
     if sub is not None and (sub < 1 or self.block_size % sub):
       raise ValueError(f"sub_block_size={sub} must be a positive divisor of block_size={self.block_size}.")
+    if any(not 0 <= d < self.vocab_size for d in self.delimiters):
+      raise ValueError(f"delimiters {self.delimiters} must be token ids in [0, vocab_size={self.vocab_size}).")
+    if not 0.0 <= self.delimiter_threshold <= 1.0:  # NaN fails too
+      raise ValueError(f"delimiter_threshold must lie in [0, 1], got {self.delimiter_threshold}.")
     # The filters and the EOS id are checked as for every sampler (the model config's two fields they need).
     vocab = types.SimpleNamespace(vocab_size=self.vocab_size, mask_token_id=self.mask_id)
     common.check_decoding_args(vocab, top_k=self.top_k, top_p=self.top_p, eos_id=self.eos_id)

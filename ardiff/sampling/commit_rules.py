@@ -67,6 +67,21 @@ def first_sub_block(masked, sub_block_size: int):
   return masked & (pos // sub_block_size == first // sub_block_size)
 
 
+def semantic_prefix(masked, tokens, conf, delimiters: tuple, threshold: float):
+  """AdaBlock-style adaptive block end (AdaBlock-dLLM, 2025; adapted to a model trained on fixed blocks): when a
+  masked position's sampled token is a delimiter (``delimiters``: token ids, e.g. newline and sentence ends) with
+  confidence ``>= threshold``, the block's commits this step stop at the first such position (inclusive); the
+  positions after it wait until the delimiter is committed and they can condition on it. Without a confident
+  delimiter nothing is restricted. The leftmost masked position always stays allowed (every rule still commits).
+  bool ``[b, B]``. Not exact (no commit rule is): its quality effect is measured, not assumed.
+  """
+  pos = jnp.arange(masked.shape[-1])
+  is_delim = jnp.isin(tokens, jnp.asarray(delimiters, jnp.int32))
+  bound = masked & is_delim & (conf >= threshold)
+  first = jnp.min(jnp.where(bound, pos, masked.shape[-1]), axis=-1, keepdims=True)
+  return masked & (pos <= first)
+
+
 def shift_logits(block_logits, last_logits):
   """Token shift: position i is predicted by row i-1; position 0 by the clean prefix's last row.
 

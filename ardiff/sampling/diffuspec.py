@@ -1,8 +1,8 @@
 """DiffuSpec: a block-diffusion drafter proposes ``k`` tokens in a few forwards, an AR target verifies them in one.
 
-docs/sampling.md "DiffuSpec" (arXiv 2510.02358). State per row: the target's cache holds the committed tokens up to
-``L - 1``; the last emitted token ``y`` (position ``L - 1``) is not cached yet, as in
-:mod:`ardiff.sampling.speculative`. One step:
+docs/sampling.md "DiffuSpec" (DiffuSpec, 2025: diffusion drafters for speculative decoding). State per row: the
+target's cache holds the committed tokens up to ``L - 1``; the last emitted token ``y`` (position ``L - 1``) is not
+cached yet, as in :mod:`ardiff.sampling.speculative`. One step:
 
 1. **Draft** (``draft_steps`` = S forwards of the block-diffusion model, ``BlockCausal(B)``). The drafter's cache
    holds only WHOLE clean blocks (length ``A``, a multiple of ``B``): a partial block's K/V depend on every token of

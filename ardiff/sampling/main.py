@@ -58,6 +58,10 @@ def parse_args(argv):
   bd.add_argument("--steps_per_block", type=int, default=None, help="k = ceil(B/steps) for static rules")
   bd.add_argument("--sub_block_size", type=int, default=None, help="Fast-dLLM v2 sub-blocks")
   bd.add_argument("--kv_write", choices=KV_WRITES, default="fused", help="clean-block K/V write")
+  bd.add_argument("--delimiters", default=None, metavar="TEXT",
+                  help="AdaBlock-style adaptive block end: a step's commits stop at the first position predicted as "
+                       "one of these characters (tokenized), e.g. $'\\n.!?'")
+  bd.add_argument("--delimiter_threshold", type=float, default=0.9, help="confidence a delimiter needs")
   spec = p.add_argument_group("speculative decoding")
   spec.add_argument("--draft_checkpoint", default=None,
                     help="the drafter (same tokenizer): a small AR run (speculative) or a block-diffusion run "
@@ -132,6 +136,9 @@ def main(argv) -> int:
   if sampler == "block_diffusion":
     options = dict(strategy=args.strategy, threshold=args.threshold, steps_per_block=args.steps_per_block,
                    sub_block_size=args.sub_block_size, kv_write=args.kv_write)
+    if args.delimiters:
+      options.update(delimiters=tuple(tok.encode(prompt_input(tok, args.delimiters))),
+                     delimiter_threshold=args.delimiter_threshold)
   elif sampler == "speculative":
     if not args.draft_checkpoint:
       raise UsageError("--sampler speculative needs --draft_checkpoint DIR (a small AR run with the same vocab).")
