@@ -1,0 +1,245 @@
+"""Bring your own data: `ardiff data prepare|tokenizer|show` on corpora the tests write (every format, gzip/zstd,
+bad and empty inputs, resume after an interruption), and a prepared corpus trained through the CLI with a BPE
+tokenizer the command trained."""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tensorflow_datasets as tfds
+import zstandard
+
+from ardiff import cli
+from ardiff.data import formats, shakespeare
+from ardiff.data import prepare_corpus as prep
+from ardiff.data.tokenizers import HFTokenizer
+
+WORDS = ("the", "river", "ünïcode", "日本", "stone", "light", "—", "ROMEO.", "\t", "naïve", "emoji 🙂", "yonder")
+
+
+def _docs(n=40, seed=0):
+  rng = np.random.default_rng(seed)
+  return [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 30)))) + f"\n{i}." for i in range(n)]
+
+
+def _read(out, split):
+  src = shakespeare.data_source(str(out), split)
+  return [src[i]["text"].decode("utf-8") for i in range(len(src))]
+
+
+def _expected(docs, frac, seed):
+  held = [prep._held_out(seed, i, frac) for i in range(len(docs))]
+  return [d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h]
+
+
+def _write_inputs(root, fmt, docs):
+  """``docs`` written in ``fmt`` under ``root`` (split over files, some gzip / zstd); returns the --input pattern."""
+  root.mkdir(parents=True, exist_ok=True)
+  thirds = [docs[:13], docs[13:27], docs[27:]]
+  if fmt == "txt":  # one document per file; file names sort in document order
+    for i, d in enumerate(docs):
+      data = d.encode()
+      name = root / f"doc{i:03d}.txt"
+      if i % 3 == 1:
+        name, data = name.with_suffix(".txt.gz"), gzip.compress(data)
+      elif i % 3 == 2:
+        name, data = name.with_suffix(".txt.zst"), zstandard.ZstdCompressor().compress(data)
+      name.write_bytes(data)
+    return str(root / "doc*")
+  if fmt == "jsonl":  # nested field, a gzip and a zstd shard
+    for i, part in enumerate(thirds):
+      data = "".join(json.dumps({"meta": {"body": d}, "id": i}) + "\n" for d in part).encode()
+      data = [data, gzip.compress(data), zstandard.ZstdCompressor().compress(data)][i]
+      (root / f"part{i}.jsonl{['', '.gz', '.zst'][i]}").write_bytes(data)
+    return str(root / "part*")
+  if fmt == "parquet":
+    for i, part in enumerate(thirds):
+      pq.write_table(pa.table({"meta": list(range(len(part))), "body": part}), root / f"p{i}.parquet",
+                     row_group_size=5)
+    return str(root / "*.parquet")
+  if fmt == "hf_disk":  # the layout datasets.save_to_disk writes: Arrow stream files + state.json + dataset_info.json
+    files = []
+    for i, part in enumerate(thirds):
+      name = f"data-{i:05d}-of-00003.arrow"
+      table = pa.table({"body": part, "n": list(range(len(part)))})
+      with pa.OSFile(str(root / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        for batch in table.to_batches(max_chunksize=4):
+          w.write_batch(batch)
+      files.append({"filename": name})
+    (root / "state.json").write_text(json.dumps({"_data_files": files, "_split": "train"}))
+    (root / "dataset_info.json").write_text(json.dumps({"features": {"body": {"dtype": "string"}}}))
+    return str(root)
+  if fmt == "array_record":  # raw UTF-8 records in one file, tf.train.Examples (as TFDS writes) in another
+    from array_record.python import array_record_module
+    for i, (part, enc) in enumerate([(docs[:20], lambda d: d.encode()),
+                                     (docs[20:], lambda d: _example(d, "body"))]):
+      w = array_record_module.ArrayRecordWriter(str(root / f"r{i}.array_record"), "group_size:1")
+      for d in part:
+        w.write(enc(d))
+      w.close()
+    return str(root / "*.array_record")
+  raise AssertionError(fmt)
+
+
+def _example(text, field):
+  from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2
+  f = tf_feature_pb2.Feature(bytes_list=tf_feature_pb2.BytesList(value=[text.encode()]))
+  return tf_example_pb2.Example(features=tf_feature_pb2.Features(feature={field: f})).SerializeToString()
+
+
+@pytest.mark.parametrize("fmt", formats.FORMATS)
+def test_each_format_round_trips(tmp_path, fmt):
+  """Every document comes back byte for byte, in input order, each split exactly the seeded hash's share."""
+  docs = _docs()
+  pattern = _write_inputs(tmp_path / "in", fmt, docs)
+  field = "meta.body" if fmt == "jsonl" else "body"
+  opts = prep.PrepareOptions(input=pattern, format=fmt, out=str(tmp_path / "out"), field=field,
+                             split=("validation", 0.25), seed=3, unit_docs=7)
+  summary = prep.prepare(opts, progress=False)
+  train, val = _expected(docs, 0.25, 3)
+  assert (_read(tmp_path / "out", "train"), _read(tmp_path / "out", "validation")) == (train, val)
+  assert summary["documents"] == {"train": len(train), "validation": len(val)} and not summary["bad_records"]
+  assert summary["bytes"]["train"] == sum(len(d.encode()) for d in train)
+  assert summary["characters"]["validation"] == sum(len(d) for d in val)
+  assert len(tfds.builder_from_directory(str(tmp_path / "out")).info.splits["train"].shard_lengths) > 1
+
+
+def test_split_is_seeded_and_records_match_tfds(tmp_path):
+  docs = _docs(60)
+  pattern = _write_inputs(tmp_path / "in", "parquet", docs)
+  a = prep.prepare(prep.PrepareOptions(pattern, "parquet", str(tmp_path / "a"), field="body", seed=1,
+                                       split=("heldout", 0.3)), progress=False)
+  b = prep.prepare(prep.PrepareOptions(pattern, "parquet", str(tmp_path / "b"), field="body", seed=2,
+                                       split=("heldout", 0.3)), progress=False)
+  assert a["documents"]["heldout"] > 0 and _read(tmp_path / "a", "heldout") != _read(tmp_path / "b", "heldout")
+  for out in ("a", "b"):  # the union is the corpus whatever the seed
+    assert sorted(_read(tmp_path / out, "train") + _read(tmp_path / out, "heldout")) == sorted(docs)
+  features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+  assert prep.serialize("é".encode()) == features.serialize_example({"text": "é"})
+  assert b["fingerprint"]["seed"] == 2
+
+
+def test_bad_records_are_counted_or_strict_errors(tmp_path, capsys):
+  root = tmp_path / "in"
+  root.mkdir()
+  lines = [b'{"text": "good one"}', b'{"text": ', b'{"other": "x"}', b'{"text": "   "}', b'{"text": 7}',
+           b'{"text": "bad \xff byte"}', b"", b'{"text": "good two"}']
+  (root / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  good = gzip.compress(b"".join(b'{"text": "before the damage %d"}\n' % i for i in range(3000)))
+  (root / "b.jsonl.gz").write_bytes(good[:-12])  # truncated gzip: the records before the cut survive
+  out = tmp_path / "out"
+  s = prep.prepare(prep.PrepareOptions(str(root / "*"), "jsonl", str(out), split=("validation", 0.0)),
+                   progress=False)
+  assert s["bad_records"] == {"invalid_json": 1, "missing_field": 1, "empty": 1, "not_text": 1, "invalid_utf8": 1,
+                              "corrupt_file": 1}
+  assert s["first_bad"][0] == f"{root / 'a.jsonl'}:2: invalid_json (Expecting value)"
+  assert _read(out, "train")[:2] == ["good one", "good two"] and s["documents"]["train"] >= 2 + 1000
+  assert "bad records skipped: 6" in capsys.readouterr().out
+  rc = cli.main(["ardiff", "data", "prepare", "--input", str(root / "a.jsonl"), "--format", "jsonl", "--out",
+                 str(tmp_path / "strict"), "--strict", "--no_progress"])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.startswith(f"error: {root / 'a.jsonl'}:2: bad record: invalid_json"), err
+
+
+def test_empty_and_missing_inputs_are_clear_errors(tmp_path, capsys):
+  rc = cli.main(["ardiff", "data", "prepare", "--input", str(tmp_path / "nothing*.txt"), "--format", "txt",
+                 "--out", str(tmp_path / "o"), "--no_progress"])
+  assert rc == 2 and "matches no file" in capsys.readouterr().err
+  (tmp_path / "e1.txt").write_bytes(b"")
+  (tmp_path / "e2.txt").write_bytes(b"  \n\n")
+  with pytest.raises(ValueError, match=r"no usable document in 2 records .*empty: 2"):
+    prep.prepare(prep.PrepareOptions(str(tmp_path / "e*.txt"), "txt", str(tmp_path / "o")), progress=False)
+
+
+def test_interrupted_prepare_resumes_to_the_same_dataset(tmp_path, monkeypatch, capsys):
+  docs = _docs(50)
+  pattern = _write_inputs(tmp_path / "in", "jsonl", docs)
+  opts = dict(input=pattern, format="jsonl", field="meta.body", split=("validation", 0.2), unit_docs=6)
+  prep.prepare(prep.PrepareOptions(out=str(tmp_path / "whole"), **opts), progress=False)
+  real, seen = formats.read_records, [0]
+
+  def dying(*args, **kwargs):  # the job is killed after 31 records
+    for rec in real(*args, **kwargs):
+      seen[0] += 1
+      if seen[0] > 31:
+        raise KeyboardInterrupt
+      yield rec
+  monkeypatch.setattr(formats, "read_records", dying)
+  with pytest.raises(KeyboardInterrupt):
+    prep.prepare(prep.PrepareOptions(out=str(tmp_path / "cut"), **opts), progress=False)
+  monkeypatch.setattr(formats, "read_records", real)
+  with pytest.raises(FileExistsError, match="unfinished preparation of other inputs"):
+    prep.prepare(prep.PrepareOptions(out=str(tmp_path / "cut"), **{**opts, "unit_docs": 5}), progress=False)
+  capsys.readouterr()
+  s = prep.prepare(prep.PrepareOptions(out=str(tmp_path / "cut"), **opts), progress=False)
+  assert "Resuming: 6 units (27 records)" in capsys.readouterr().out  # 13-record files end units: 6+6+1, 6+6+2
+  for split in ("train", "validation"):
+    assert _read(tmp_path / "cut", split) == _read(tmp_path / "whole", split)
+  assert s["records"] == 50 and not (tmp_path / "cut" / prep.STATE_DIR).exists()
+  assert prep.prepare(prep.PrepareOptions(out=str(tmp_path / "cut"), **opts), progress=False) == s  # done: no-op
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    prep.prepare(prep.PrepareOptions(out=str(tmp_path / "cut"), **{**opts, "seed": 9}), progress=False)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_trained_tokenizer_reserves_specials_and_round_trips(tmp_path, kind):
+  from ardiff.data import tokenizer_train
+  tok = tokenizer_train.train_tokenizer(_docs(200) * 3, vocab_size=400, kind=kind)
+  tok.save(str(tmp_path / "t.json"))
+  hf = HFTokenizer(str(tmp_path / "t.json"))
+  assert (hf.pad_id, hf.bos_id, hf.eos_id, hf.mask_id) == (0, 1, 2, 3)
+  assert hf.vocab_size == tok.get_vocab_size() <= 400  # no virtual ids: every special is in the file
+  for text in _docs(5, seed=9) + ["  leading spaces, \r\n CRLF and 🙂 ", "x"]:
+    ids = hf.encode(text)
+    assert hf.decode(ids) == text and not {0, 1, 2, 3} & set(ids)
+
+
+def test_folder_of_text_to_bpe_training_through_the_cli(tmp_path, capsys):
+  """The README's three commands: prepare a folder of .txt files, train a BPE on it, show the packed rows (decoded
+  back to the documents), train a few steps; a config with the byte vocabulary stops at load with the fix."""
+  docs = [f"Document {i}: " + d for i, d in enumerate(_docs(64))]  # >= 8 validation docs: one per data shard
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i, d in enumerate(docs):
+    (corpus / f"{i:02d}.txt").write_text(d)
+  data, tok = str(tmp_path / "data"), str(tmp_path / "tok.json")
+  assert cli.main(["ardiff", "data", "prepare", "--input", f"{corpus}/*.txt", "--format", "txt", "--out", data,
+                   "--split", "validation=0.25", "--no_progress"]) == 0
+  assert cli.main(["ardiff", "data", "tokenizer", "--input", data, "--vocab", "320", "--kind", "bpe", "--out", tok,
+                   "--no_progress"]) == 0
+  vocab = json.loads(capsys.readouterr().out.split("--config.model.vocab_size=")[1].split()[0])
+  flags = [f"--config.data.name={data}", f"--config.data.tokenizer=hf:{tok}", "--config.data.seq_len=32",
+           "--config.objective.block_size=8", f"--config.model.vocab_size={vocab}"]
+  assert cli.main(["ardiff", "data", "show", *flags, "--config.model.mask_token_id=3", "--n", "4"]) == 0
+  shown = capsys.readouterr().out
+  from ardiff.data import show as show_lib
+  res = show_lib.show(_config(flags + ["--config.model.mask_token_id=3"]), n=4, stats_batches=1)
+  hf = res["tokenizer"]
+  for row in range(4):
+    for seg in show_lib.describe_row(res["batch"]["tokens"][row], res["batch"]["segment_ids"][row], hf):
+      assert seg["text"] in shown and any(seg["text"] in d for d in docs)
+      if seg["bos"] and seg["eos"]:  # a whole document: exactly one of the originals
+        assert seg["text"] in docs
+  maps = [line for line in shown.splitlines() if line.startswith("  segments  ")]
+  assert "packing efficiency:" in shown and len(maps) == 4 and all(m.count("|") == 3 for m in maps)  # L/B = 4
+  run = str(tmp_path / "run")
+  tiny = ["--config.model.num_layers=1", "--config.model.embed_dim=32", "--config.model.num_heads=2",
+          "--config.model.num_kv_heads=1", "--config.model.head_dim=16", "--config.model.mlp_dim=64",
+          "--config.train.batch_size=8", "--config.train.num_steps=2", "--config.train.eval_batches=1",
+          "--config.train.num_samples=0", "--config.optimizer.warmup_steps=1", f"--config.train.run_dir={run}"]
+  assert cli.main(["ardiff", "train", *flags[:-1], *tiny, "--noprogress"]) == 2
+  err = capsys.readouterr().err
+  assert f"Fix: --config.model.vocab_size={vocab} --config.model.mask_token_id=3." in err and not os.path.exists(run)
+  assert cli.main(["ardiff", "train", *flags, "--config.model.mask_token_id=3", *tiny, "--noprogress"]) == 0
+  steps = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+  assert np.isfinite([s["loss"] for s in steps if "loss" in s]).all() and steps
+
+
+def _config(flags):
+  from ardiff import cli_flags
+  return cli_flags.parse(["x", *flags], description="", default_config=os.path.join(cli_flags.CONFIGS_DIR,
+                                                                                    "default.py"))[0]
