@@ -26,6 +26,7 @@ COMMANDS = {
     "compile": ("ardiff.training.aot", "AOT-compile the sharded train step for a TPU topology"),
     "export": ("ardiff.export.main", "export a run: Hugging Face directory, portable params, StableHLO"),
     "convert": ("ardiff.export.convert", "convert an AR model (HF directory or run) into a block-diffusion run"),
+    "data": ("ardiff.data.main", "your own corpus: prepare a dataset, train a tokenizer, show packed batches"),
 }
 
 USAGE = ("usage: python -m ardiff <command> [flags]    (python -m ardiff <command> --help for its flags)\n\n"
