@@ -158,7 +158,8 @@ class HFTokenizer(_VirtualSpecials):
   _CANDIDATES = {
       "bos": ("<s>", "<bos>", "[BOS]", "<|begin_of_text|>", "<|startoftext|>", "[CLS]"),
       "eos": ("</s>", "<eos>", "[EOS]", "<|end_of_text|>", "<|endoftext|>", "[SEP]"),
-      "mask": ("<mask>", "[MASK]", "<|mask|>"),
+      # the last three: LLaDA, Fast-dLLM v2 and SDAR's [MASK] tokens (Dream's is <|mask|>)
+      "mask": ("<mask>", "[MASK]", "<|mask|>", "<|mdm_mask|>", "|<MASK>|", "<|MASK|>"),
       "pad": ("<pad>", "[PAD]", "<|pad|>"),
   }
 

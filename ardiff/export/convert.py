@@ -123,14 +123,17 @@ def convert_to_block_diffusion(cfg: ModelConfig, params: Mapping, out_run_dir, *
                                base_config: Optional[ml_collections.ConfigDict] = None,
                                tokenizer: Optional[str] = None, mask_token_id: Optional[int] = None,
                                seq_len: Optional[int] = None, recipe: Optional[str] = "fastdllm_v2",
-                               overwrite: bool = False, source: Optional[Mapping] = None) -> str:
+                               overwrite: bool = False, source: Optional[Mapping] = None,
+                               record: Optional[Mapping] = None, extra_files: Sequence[str] = ()) -> str:
   """Writes a block-diffusion run directory for an AR model ``(cfg, params)``; returns its path.
 
   ``base_config``: experiment config providing the non-model sections (default
   :func:`ardiff.experiment.base_config`); its objective gets ``kind``, ``block_size`` and the fields of
   ``recipe`` (a key of :data:`ardiff.objectives.recipes.RECIPES`; None keeps ``base_config``'s). ``tokenizer``: the
   source's tokenizer spec (an ``hf:``/``sentencepiece:`` file is copied into the run directory); None keeps
-  ``base_config``'s. Everything is validated before anything is written.
+  ``base_config``'s. ``record``: more entries for ``conversion.json`` (an imported family's ``family`` and
+  ``decoding``); ``extra_files``: files copied into the run directory (``tokenizer_config.json`` with its chat
+  template). Everything is validated before anything is written.
   """
   from ardiff import experiment as experiment_lib
   run_dir = io_lib.check_output_dir(out_run_dir, overwrite=overwrite)
@@ -168,7 +171,8 @@ def convert_to_block_diffusion(cfg: ModelConfig, params: Mapping, out_run_dir, *
                      f"{max(block_size, c.data.seq_len // block_size * block_size)} (a multiple of {block_size}).")
   experiment_lib.validate(c)  # fail here, before writing, not at train time
   record = {"source": dict(source or {}), "block_size": int(block_size), "recipe": recipe,
-            "mask_token_id": int(mask), "vocab_size": vocab, "mean_initialised_rows": sorted(set(new_ids))}
+            "mask_token_id": int(mask), "vocab_size": vocab, "mean_initialised_rows": sorted(set(new_ids)),
+            **dict(record or {})}
   with io_lib.staged_output(run_dir, overwrite=overwrite) as tmp:
     run_dir_lib.save_params_checkpoint(params, os.path.join(tmp, run_dir_lib.CHECKPOINTS), step=0)
     run_dir_lib.write_config(tmp, c)
@@ -176,6 +180,8 @@ def convert_to_block_diffusion(cfg: ModelConfig, params: Mapping, out_run_dir, *
       json.dump(record, f, indent=2)
     if tok_file is not None:
       shutil.copy(tok_file, os.path.join(tmp, os.path.basename(tok_file)))
+    for path in extra_files:
+      shutil.copy(path, os.path.join(tmp, os.path.basename(path)))
   return run_dir
 
 
@@ -221,6 +227,56 @@ def convert_hf_to_block_diffusion(hf_dir, out_run_dir, *, block_size: int, confi
                                     overwrite=overwrite, source={"hf_dir": hf_dir})
 
 
+def import_family(hf_dir, out_run_dir, *, family=None, block_size: Optional[int] = None,
+                  mask_token_id: Optional[int] = None, seq_len: Optional[int] = None,
+                  config_file: Optional[str] = None, dtype: str = "float32", overwrite: bool = False) -> str:
+  """A published diffusion LM (SDAR, Fast-dLLM v2, Dream, LLaDA: :mod:`ardiff.export.families`) in its own
+  on-disk layout -> an ardiff block-diffusion run at ``out_run_dir`` that samples the family's way.
+
+  ``block_size``, ``mask_token_id``, ``seq_len`` default to the family's (the checkpoint's config first).
+  """
+  from ardiff.export import families
+  hf_dir = io_lib.clean_path(hf_dir)
+  io_lib.check_output_dir(out_run_dir, overwrite=overwrite)
+  raw = read_hf_config(hf_dir)
+  where = os.path.join(hf_dir, "config.json")
+  fam = families.detect(raw, where) if family is None else families.FAMILIES[family]
+  if fam is None:
+    raise ValueError(f"{where} is a plain {raw.get('architectures')} checkpoint, not one of the diffusion families "
+                     f"{sorted(families.FAMILIES)}; convert it with --block-size B (AR -> block diffusion).")
+  base = families.base_config(fam, raw, where)
+  cfg, params = import_hf(hf_dir, dtype=dtype, hf_config=base, kind=fam.base, rename=families.tensor_renamer(fam))
+  mask = families.mask_id(fam, raw, cfg.vocab_size, mask_token_id, model_dir=hf_dir)
+  if seq_len is None:
+    seq_len = min(fam.default_seq_len, int(base.get("max_position_embeddings") or fam.default_seq_len))
+  block = families.block_size(fam, raw, seq_len, block_size)
+  if not fam.bidirectional:
+    seq_len = max(block, seq_len // block * block)
+  base_exp = _load_config_file(config_file)
+  if base_exp is None:
+    from ardiff import experiment as experiment_lib
+    base_exp = experiment_lib.base_config()
+  with base_exp.unlocked():
+    for k, v in families.objective_fields(fam, block).items():
+      base_exp.objective[k] = v
+  tokenizer = hf_tokenizer_spec(hf_dir, raw)
+  if tokenizer is None:
+    log.warning("%s has no tokenizer.json / tokenizer.model; the run keeps data.tokenizer of the base config.",
+                hf_dir)
+  chat = os.path.join(hf_dir, "tokenizer_config.json")
+  decoding = families.decoding_defaults(fam, block)
+  if tokenizer is not None:  # ardiff gives a tokenizer without BOS a virtual one; these models never saw it
+    from ardiff.data.tokenizers import make_tokenizer
+    tok = make_tokenizer(tokenizer)
+    decoding["add_bos"] = bool(tok.bos_id < getattr(tok, "base_vocab_size", tok.bos_id + 1))
+  record = {"family": fam.name, "base_architecture": fam.base, "bidirectional": fam.bidirectional,
+            "token_shift": fam.token_shift, "decoding": decoding}
+  return convert_to_block_diffusion(cfg, params, out_run_dir, block_size=block, base_config=base_exp,
+                                    tokenizer=tokenizer, mask_token_id=mask, seq_len=seq_len, recipe=None,
+                                    overwrite=overwrite, source={"hf_dir": hf_dir, "family": fam.name},
+                                    record=record, extra_files=[chat] if os.path.isfile(chat) else [])
+
+
 def convert_run_to_block_diffusion(run_dir, out_run_dir, *, block_size: int, config_file: Optional[str] = None,
                                    mask_token_id: Optional[int] = None, seq_len: Optional[int] = None,
                                    recipe: Optional[str] = "fastdllm_v2", use_ema: bool = False,
@@ -247,11 +303,15 @@ def main(argv) -> int:
                                    description="Convert an AR model (Hugging Face Llama/Qwen2 directory or ardiff "
                                                "run) into a block-diffusion run directory ready to fine-tune.")
   src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument("--from-hf", "--from_hf", dest="from_hf", help="HF model directory (config.json + *.safetensors)")
+  src.add_argument("--from-hf", "--from_hf", dest="from_hf",
+                   help="HF model directory (config.json + *.safetensors), or ORG/NAME found in the local Hugging "
+                        "Face cache (never downloaded). SDAR, Fast-dLLM v2, Dream and LLaDA checkpoints import as "
+                        "their family (block size, [MASK], token shift and sampler defaults included)")
   src.add_argument("--from-run", "--from_run", dest="from_run",
                    help="ardiff run directory (latest checkpoint) or params directory")
   parser.add_argument("--to", default="block_diffusion", choices=("block_diffusion",))
-  parser.add_argument("--block-size", "--block_size", dest="block_size", type=int, required=True)
+  parser.add_argument("--block-size", "--block_size", dest="block_size", type=int, default=None,
+                      help="block size B (required for AR sources; a diffusion family's default otherwise)")
   parser.add_argument("--out", required=True, help="run directory to create")
   parser.add_argument("--config", default=None,
                       help="configs/*.py providing the data/optimizer/objective sections (default: the source "
@@ -271,8 +331,24 @@ def main(argv) -> int:
   if args.from_hf:
     if args.ema:
       parser.error("--ema applies to --from-run only.")
-    run_dir = convert_hf_to_block_diffusion(args.from_hf, args.out, dtype=args.dtype, **common)
+    from ardiff.errors import UsageError
+    from ardiff.export import families, hf_cache
+    hf_dir = hf_cache.resolve_model_dir(args.from_hf)
+    fam = families.detect(read_hf_config(hf_dir), os.path.join(hf_dir, "config.json"))
+    if fam is not None:
+      run_dir = import_family(hf_dir, args.out, block_size=args.block_size, mask_token_id=args.mask_token_id,
+                              seq_len=args.seq_len, config_file=args.config, dtype=args.dtype,
+                              overwrite=args.overwrite)
+      print(f"Wrote {run_dir} ({fam.name}: {fam.base} base). Sample with:\n  python -m ardiff sample "
+            f"--checkpoint {run_dir} --prompt TEXT")
+      return 0
+    if args.block_size is None:
+      raise UsageError(f"--block-size is required: {args.from_hf} is an AR checkpoint (not one of the diffusion "
+                       f"families {', '.join(sorted(families.FAMILIES))}).")
+    run_dir = convert_hf_to_block_diffusion(hf_dir, args.out, dtype=args.dtype, **common)
   else:
+    if args.block_size is None:
+      parser.error("--from-run needs --block-size B.")
     run_dir = convert_run_to_block_diffusion(args.from_run, args.out, use_ema=args.ema, **common)
   print(f"Wrote {run_dir}. Fine-tune with:\n  python -m ardiff train --config configs/finetune.py:from={run_dir}")
   return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import numpy as np
@@ -28,9 +28,10 @@ _norm = tree_io.norm_index  # shared with the params-directory reader (ardiff/ch
 class _SafetensorsDir:
   """Lazy, sliced access to the tensors of an HF model directory (one handle per file, opened on first use)."""
 
-  def __init__(self, model_dir: str, stack: contextlib.ExitStack):
+  def __init__(self, model_dir: str, stack: contextlib.ExitStack, rename: Optional[Callable[[str], str]] = None):
     from safetensors import safe_open
     self._open = lambda path: stack.enter_context(safe_open(path, framework="numpy"))
+    self._rename = rename or (lambda name: name)  # Llama/Qwen name -> the name on disk (LLaDA has its own)
     self._handles: Dict[str, Any] = {}
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -53,12 +54,13 @@ class _SafetensorsDir:
     return self._handles[path]
 
   def __contains__(self, name):
-    return name in self.files
+    return self._rename(name) in self.files
 
   def shape(self, name) -> Tuple[int, ...]:
     return tuple(self._slice(name).get_shape())
 
   def _slice(self, name):
+    name = self._rename(name)
     if name not in self.files:
       raise KeyError(f"tensor {name!r} not found in the checkpoint (it has e.g. {sorted(self.files)[:5]}).")
     return self._handle(self.files[name]).get_slice(name)
@@ -103,11 +105,11 @@ def _leaf_plan(cfg: ModelConfig, st: _SafetensorsDir):
 _fit_sharding = tree_io.fit_sharding
 
 
-def _read_tree(model_dir: str, cfg: ModelConfig, shardings=None) -> dict:
+def _read_tree(model_dir: str, cfg: ModelConfig, shardings=None, rename=None) -> dict:
   np_dtype = np.dtype(DTYPES[cfg.param_dtype])
   params: dict = {}
   with contextlib.ExitStack() as stack:
-    st = _SafetensorsDir(model_dir, stack)
+    st = _SafetensorsDir(model_dir, stack, rename)
     for path, layer_names, name, reader, shape in _leaf_plan(cfg, st):
       if layer_names is None:
         get = st.getter(name)
@@ -139,7 +141,8 @@ def _read_tree(model_dir: str, cfg: ModelConfig, shardings=None) -> dict:
   return params
 
 
-def import_hf(model_dir: str, *, mesh=None, rules=None, dtype: str = "float32",
+def import_hf(model_dir: str, *, mesh=None, rules=None, dtype: str = "float32", hf_config: Optional[dict] = None,
+              kind: Optional[str] = None, rename: Optional[Callable[[str], str]] = None,
               **config_overrides) -> Tuple[ModelConfig, dict]:
   """``(ModelConfig, params)`` of a Hugging Face Llama/Qwen2 directory (``config.json`` + ``*.safetensors``).
 
@@ -148,9 +151,13 @@ def import_hf(model_dir: str, *, mesh=None, rules=None, dtype: str = "float32",
   (and optionally ``rules``, default :data:`ardiff.sharding.DEFAULT_RULES`) every array is created straight into
   its ``NamedSharding``, each device reading only its slice; a dimension that the mesh axes do not divide is
   replicated instead (with a warning).
+
+  The diffusion families (:mod:`ardiff.export.families`) pass their checkpoint's config translated to the base
+  architecture (``hf_config``, ``kind``) and ``rename``, which maps each Llama/Qwen tensor name to the one on disk.
   """
   model_dir = os.path.abspath(os.path.expanduser(os.fspath(model_dir)))
-  cfg = config_from_hf(read_hf_config(model_dir), dtype=dtype, where=os.path.join(model_dir, "config.json"),
+  raw = read_hf_config(model_dir) if hf_config is None else hf_config
+  cfg = config_from_hf(raw, dtype=dtype, where=os.path.join(model_dir, "config.json"), kind=kind,
                        **config_overrides)
   shardings = None
   if mesh is not None:
@@ -158,4 +165,4 @@ def import_hf(model_dir: str, *, mesh=None, rules=None, dtype: str = "float32",
     from ardiff.model import Transformer
     _, shardings = sharding_lib.abstract_params_and_shardings(Transformer(cfg), mesh,
                                                               rules or sharding_lib.DEFAULT_RULES)
-  return cfg, _read_tree(model_dir, cfg, shardings)
+  return cfg, _read_tree(model_dir, cfg, shardings, rename)

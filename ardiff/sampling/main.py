@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from ardiff.errors import UsageError
+from ardiff.sampling import family_defaults
 from ardiff.sampling.block_diffusion import KV_WRITES, STRATEGIES
 from ardiff.sampling.generate import DEFAULT_PROMPT, SAMPLERS, default_sampler, encode_prompt, generate
 
@@ -43,8 +44,11 @@ def parse_args(argv):
   p.add_argument("--num_tokens", type=int, default=None,
                  help="new tokens per sample (default: the rest of the context, data.seq_len - prompt tokens)")
   p.add_argument("--num_samples", type=int, default=1)
-  p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-  p.add_argument("--top_p", type=float, default=0.9)
+  p.add_argument("--chat", default=None, metavar="QUESTION",
+                 help="a user turn rendered with the model's chat template (tokenizer_config.json); generation "
+                      "stops at the template's end token. Replaces --prompt")
+  p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the run's, else 1.0)")
+  p.add_argument("--top_p", type=float, default=None, help="default: the run's, else 0.9")
   p.add_argument("--top_k", type=int, default=0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--ema", action="store_true", help="sample with the EMA parameters")
@@ -53,8 +57,9 @@ def parse_args(argv):
                       "generation, compilation included")
   bd = p.add_argument_group("block diffusion")
   bd.add_argument("--block_size", type=int, default=None, help="default: the run's objective.block_size")
-  bd.add_argument("--strategy", choices=STRATEGIES, default="threshold", help="unmasking rule")
-  bd.add_argument("--threshold", type=float, default=0.9, help="τ of threshold / dynamic")
+  bd.add_argument("--strategy", choices=STRATEGIES, default=None,
+                  help="unmasking rule (default: an imported family's, else threshold)")
+  bd.add_argument("--threshold", type=float, default=None, help="τ of threshold / dynamic (default 0.9)")
   bd.add_argument("--steps_per_block", type=int, default=None, help="k = ceil(B/steps) for static rules")
   bd.add_argument("--sub_block_size", type=int, default=None, help="Fast-dLLM v2 sub-blocks")
   bd.add_argument("--kv_write", choices=KV_WRITES, default="fused", help="clean-block K/V write")
@@ -62,6 +67,10 @@ def parse_args(argv):
                   help="AdaBlock-style adaptive block end: a step's commits stop at the first position predicted as "
                        "one of these characters (tokenized), e.g. $'\\n.!?'")
   bd.add_argument("--delimiter_threshold", type=float, default=0.9, help="confidence a delimiter needs")
+  img = p.add_argument_group("images (runs with an image section write a PNG grid; --num_samples is per class)")
+  img.add_argument("--cfg_scale", type=float, default=None,
+                   help="continuous image runs: guidance scale (default: the run's image.cfg_scale; 1 = none)")
+  img.add_argument("--out", default=None, help="image runs: the PNG to write (default: RUN/samples.png)")
   spec = p.add_argument_group("speculative decoding")
   spec.add_argument("--draft_checkpoint", default=None,
                     help="the drafter (same tokenizer): a small AR run (speculative) or a block-diffusion run "
@@ -128,7 +137,12 @@ def main(argv) -> int:
   args = parse_args(argv)
   if args.num_samples < 1:
     raise UsageError(f"--num_samples={args.num_samples} must be >= 1.")
+  from ardiff.images import main as images_main
+  if images_main.is_image_run(args.run_dir):  # image runs: a PNG grid (ardiff/images/main.py)
+    return images_main.sample(args)
   exp, model, params = load_run(args.run_dir, use_ema=args.ema)
+  decoding = family_defaults.read_decoding(args.run_dir)  # an imported family's sampler defaults
+  family_defaults.fill(args, decoding)
   tok = data_lib.make_tokenizer(exp.data.tokenizer)
   sampler = default_sampler(exp.objective, model) if args.sampler == "auto" else args.sampler
   context = exp.data.seq_len
@@ -156,8 +170,23 @@ def main(argv) -> int:
     draft, options = (draft_params, draft_model), dict(num_draft=args.num_draft, draft_steps=args.draft_steps)
     block_size = block_size or draft_exp.objective.block_size
     context = min(context, draft_exp.data.seq_len)
-  ids, num_tokens, note = fit_prompt(encode_prompt(tok, prompt_input(tok, args.prompt)), context=context,
-                                     num_tokens=args.num_tokens, truncate=args.truncate_prompt, bos_id=tok.bos_id)
+  eos_id = tok.eos_id
+  if args.chat is not None:  # the template writes BOS etc. itself, as transformers' apply_chat_template
+    from ardiff.sampling import chat as chat_lib
+    text, end = chat_lib.chat_prompt(args.run_dir, args.chat)
+    ids = list(tok.encode(text))
+    eos_id = chat_lib.token_id(tok, end) if end is not None else eos_id
+  elif decoding.get("add_bos") is False:  # an imported model whose tokenizer has no BOS (Qwen): none is added
+    ids = list(tok.encode(prompt_input(tok, args.prompt)))
+    if not ids:
+      raise UsageError("the prompt is empty and this model adds no BOS; give at least one prompt token.")
+  else:
+    ids = encode_prompt(tok, prompt_input(tok, args.prompt))
+  ids, num_tokens, note = fit_prompt(ids, context=context,
+                                     num_tokens=family_defaults.num_tokens(args, decoding, context - len(ids)),
+                                     truncate=args.truncate_prompt, bos_id=tok.bos_id)
+  if decoding.get("bidirectional") and sampler == "block_diffusion" and block_size is None:
+    block_size = len(ids) + num_tokens  # Dream / LLaDA: one bidirectional block over prompt and answer
   if note:
     print(note, file=sys.stderr)
   prompt = np.tile(np.asarray(ids, np.int32), (args.num_samples, 1))
@@ -166,7 +195,7 @@ def main(argv) -> int:
   def run():
     res = generate(sampler, params, model, prompt, lengths, rng=jax.random.key(args.seed),
                    num_tokens=num_tokens, objective=exp.objective, block_size=block_size, draft=draft,
-                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, eos_id=tok.eos_id, **options)
+                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, eos_id=eos_id, **options)
     jax.block_until_ready(res.tokens)
     return res
 
