@@ -139,12 +139,16 @@ def test_family_imports_and_matches_transformers_under_its_mask(checkpoints, run
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_imported_family_samples_with_its_defaults(runs, capsys, name):
-  assert cli.main(["ardiff", "sample", "--checkpoint", runs[name], "--prompt", "w5 w6 w7", "--no-warmup"]) == 0
+  """No flags but the prompt; SDAR's run is asked a --chat question (its template, its end token)."""
+  prompt = ["--chat", "w5 w6"] if name == "sdar" else ["--prompt", "w5 w6 w7"]
+  assert cli.main(["ardiff", "sample", "--checkpoint", runs[name], *prompt, "--no-warmup"]) == 0
   out = capsys.readouterr().out
   assert "sampler=block_diffusion" in out and "NFE=" in out
+  if name == "sdar":
+    assert out.startswith("system You are helpful. user w5 w6 assistant")  # the rendered template is the prompt
 
 
-def test_chat_prompt_matches_transformers_and_stops_at_its_end_token(checkpoints, runs, capsys):
+def test_chat_prompt_matches_transformers_apply_chat_template(checkpoints, runs):
   _, transformers = torch_and_transformers()
   d, _ = checkpoints["sdar"]
   tok = transformers.AutoTokenizer.from_pretrained(d)
@@ -157,8 +161,6 @@ def test_chat_prompt_matches_transformers_and_stops_at_its_end_token(checkpoints
       assert chat_lib.render_chat(template, messages, specials=specials, add_generation_prompt=gen) == want
   text, end = chat_lib.chat_prompt(runs["sdar"], "w5 w6")  # the run directory carries tokenizer_config.json
   assert end == "<|im_end|>" and text.endswith("<|im_start|>assistant\n")
-  assert cli.main(["ardiff", "sample", "--checkpoint", runs["sdar"], "--chat", "w5 w6", "--no-warmup"]) == 0
-  assert "sampler=block_diffusion" in capsys.readouterr().out
 
 
 def test_hf_cache_resolution_is_offline(checkpoints, tmp_path, monkeypatch):
