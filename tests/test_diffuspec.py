@@ -13,7 +13,7 @@ import pytest
 
 from ardiff import masks as masks_lib
 from ardiff.sampling import sample_ar
-from ardiff.sampling.diffuspec import fill_schedule, sample_diffuspec, window_size
+from ardiff.sampling.diffuspec import fill_schedule, guided_verify, sample_diffuspec, window_size
 from test_sampling_laws import MASK, T, _assert_exact, _assert_rejected, _batch, _law_pvalues, models  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-dominated, see conftest.py
@@ -94,6 +94,20 @@ def test_greedy_diffuspec_equals_greedy_ar_and_drafter_window_is_exact(models):
   got = np.stack([logits[i, where[i]] for i in range(len(seqs))])
   want = np.stack(want)
   np.testing.assert_allclose(want, got, rtol=1e-5, atol=1e-5 * float(np.abs(got).max()))
+  # FreeCache-style guidance with tau = 1 keeps exactly the drafts that are the target's top-1: greedy AR again.
+  guided = sample_diffuspec(params, model, dparams, draft, prompt, lens, rng=jax.random.PRNGKey(1),
+                            max_new_tokens=m, block_size=bs, num_draft=k, draft_steps=n_fwd, greedy=True, guide=1.0)
+  np.testing.assert_array_equal(np.asarray(guided.tokens), np.asarray(ar.tokens))
+
+
+def test_guided_verify_rule():
+  """Keep drafts while p(d) >= tau * max p; then a token from p_{n+1} (the target itself)."""
+  p = np.log(np.array([[[.5, .3, .2], [.1, .6, .3], [.2, .2, .6]]] * 3))  # [3, k+1=3, V=3]
+  drafts = np.array([[0, 1], [1, 2], [2, 2]], np.int32)
+  n, y = guided_verify(jax.random.PRNGKey(0), jnp.asarray(p, jnp.float32), jnp.asarray(drafts), guide=0.55,
+                       greedy=True)
+  np.testing.assert_array_equal(np.asarray(n), [2, 1, 0])  # row 1: .3/.5 >= .55 keeps d_1, .3/.6 < .55 stops
+  np.testing.assert_array_equal(np.asarray(y), [2, 1, 0])  # argmax of p_{n+1}
 
 
 def test_diffuspec_argument_errors(models):

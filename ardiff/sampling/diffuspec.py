@@ -23,6 +23,13 @@ cached yet, as in :mod:`ardiff.sampling.speculative`. One step:
    forwards as part of its known tail (ACDiT's lazy write), so the tail is at most ``B + k`` tokens and
    ``W = ceil((B + 2k) / B) * B``.
 
+``guide=τ`` (FreeCache-style AR-guided unmasking, training-free, LOSSY): instead of the rejection test, draft ``d_i``
+is kept while the target agrees with it, ``p_i(d_i) >= τ · max_v p_i(v)`` (τ = 1: the target's top-1), and the
+first token it does not keep is replaced by a draw from ``p_i`` itself (the bonus from ``p_{k+1}`` as before). Drafts
+the target finds plausible are committed whatever their ``q``, so more are accepted than by the exact rule, and the
+emitted law is no longer the target's: its cost is measured (gen-PPL), not assumed. Greedy decoding with ``τ = 1``
+is still greedy AR.
+
 The target may be any model run with a ``Causal`` mask: an AR run, or a TiDAR run in its AR mode. The drafter is
 a block-diffusion model predicting ``x_0`` at each masked position (no token shift). ``nfe`` counts target forwards
 (prefill 1 + one per step); ``draft_nfe`` drafter forwards (prefill 1 + S per step).
@@ -66,6 +73,19 @@ def window_size(block_size: int, num_draft: int) -> int:
   return -(-(block_size + 2 * num_draft) // block_size) * block_size
 
 
+def guided_verify(rng, p_logits, drafts, *, guide, greedy: bool):
+  """FreeCache-style acceptance (lossy, module docstring): ``p_logits [b, k+1, V]`` processed target logits,
+  ``drafts [b, k]``. Returns ``(n_accepted [b], next_token [b])``: the longest prefix of drafts with
+  ``p_i(d_i) >= guide * max p_i``, then a draw from ``p_{n+1}`` (argmax when greedy)."""
+  k = drafts.shape[1]
+  logp = jax.nn.log_softmax(p_logits, axis=-1)
+  lp = jnp.take_along_axis(logp[:, :k], drafts[..., None], axis=-1)[..., 0]
+  ok = lp >= jnp.log(jnp.asarray(guide, jnp.float32)) + jnp.max(logp[:, :k], axis=-1)
+  n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)
+  p_n = jnp.take_along_axis(p_logits, n[:, None, None], axis=1)[:, 0]
+  return n, common.sample_from_logits(rng, p_n, greedy=greedy)
+
+
 def _gather_rows(x, idx):
   """``x [b, n, ...]`` at per-row indices ``idx [b, m]`` -> ``[b, m, ...]``."""
   return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
@@ -73,10 +93,10 @@ def _gather_rows(x, idx):
 
 @functools.partial(jax.jit, static_argnames=("model", "draft_model", "block_size", "num_draft", "draft_steps",
                                              "max_new_tokens", "top_k", "top_p", "greedy", "eos_id", "pad_id",
-                                             "accept_rule", "return_trace"))
+                                             "accept_rule", "guide", "return_trace"))
 def _sample_diffuspec(params, draft_params, prompt, prompt_lengths, rng, temperature, *, model, draft_model,
                       block_size, num_draft, draft_steps, max_new_tokens, top_k, top_p, greedy, eos_id, pad_id,
-                      accept_rule, return_trace):
+                      accept_rule, guide, return_trace):
   b, p = prompt.shape
   bs, k, n_fwd = block_size, num_draft, draft_steps
   w = window_size(bs, k)
@@ -149,7 +169,10 @@ def _sample_diffuspec(params, draft_params, prompt, prompt_lengths, rng, tempera
     drafts, q_logits, dcache, (start, tail, inputs, raws) = draft(s["dcache"], s["seq"], length, k_draft)
     out = model.apply({"params": params}, jnp.concatenate([s["y"][:, None], drafts], 1), mask=causal,
                       cache=s["tcache"])
-    n, y_new = verify(k_ver, proc_t(out.logits), q_logits, drafts, greedy=greedy, accept_rule=accept_rule)
+    if guide is None:
+      n, y_new = verify(k_ver, proc_t(out.logits), q_logits, drafts, greedy=greedy, accept_rule=accept_rule)
+    else:
+      n, y_new = guided_verify(k_ver, proc_t(out.logits), drafts, guide=guide, greedy=greedy)
     idx = jnp.arange(k + 1)[None]
     emitted = jnp.where(idx < n[:, None], jnp.concatenate([drafts, drafts[:, :1]], 1), y_new[:, None])
     tr = s["trace"]
@@ -177,7 +200,7 @@ def _sample_diffuspec(params, draft_params, prompt, prompt_lengths, rng, tempera
 def sample_diffuspec(params, model, draft_params, draft_model, prompt, prompt_lengths, *, rng, max_new_tokens: int,
                      block_size: int, num_draft: int = 4, draft_steps: int = 1, temperature=1.0, top_k: int = 0,
                      top_p=1.0, greedy: bool = False, eos_id: Optional[int] = None, pad_id: Optional[int] = None,
-                     padding_side: str = "right", accept_rule: str = "exact",
+                     padding_side: str = "right", accept_rule: str = "exact", guide: Optional[float] = None,
                      return_trace: bool = False) -> DiffuSpecResult:
   """Sample from the AR ``model`` (target, ``Causal``) with the block-diffusion ``draft_model`` (``BlockCausal(
   block_size)``, its training block size) proposing ``num_draft`` tokens in ``draft_steps`` forwards per step.
@@ -185,7 +208,8 @@ def sample_diffuspec(params, model, draft_params, draft_model, prompt, prompt_le
   Same prompt conventions as :func:`ardiff.sampling.ar.sample_ar` (``prompt [b, P]``, ragged ``prompt_lengths`` in
   ``[1, P]``, ``padding_side``). The samples follow the target's processed distribution exactly
   (``accept_rule="exact"``; the others are negative controls, :mod:`ardiff.sampling.rejection`); ``temperature == 0``
-  or ``greedy`` gives greedy AR decoding of the target.
+  or ``greedy`` gives greedy AR decoding of the target. ``guide`` in (0, 1] switches to the lossy FreeCache-style
+  acceptance (module docstring); None (default) is the exact rule.
   """
   if max_new_tokens < 1 or num_draft < 1 or block_size < 1:
     raise ValueError(f"max_new_tokens ({max_new_tokens}), num_draft ({num_draft}) and block_size ({block_size}) must "
@@ -198,6 +222,9 @@ def sample_diffuspec(params, model, draft_params, draft_model, prompt, prompt_le
   if draft_model.config.mask_token_id is None:
     raise ValueError("the drafter needs model.config.mask_token_id (a block-diffusion run's [MASK] id).")
   check_accept_rule(accept_rule)
+  if guide is not None and not 0.0 < guide <= 1.0:  # NaN fails too
+    raise ValueError(f"guide must lie in (0, 1] (1: keep drafts that are the target's top-1) or be None (exact), "
+                     f"got {guide}.")
   common.check_decoding_args(model.config, top_k=top_k, top_p=top_p, eos_id=eos_id)
   prompt, prompt_lengths = common.right_padded(prompt, prompt_lengths, padding_side)
   greedy, temperature, pad_id = common.decoding_defaults(temperature, greedy, pad_id, eos_id)
@@ -205,4 +232,5 @@ def sample_diffuspec(params, model, draft_params, draft_model, prompt, prompt_le
                            draft_model=draft_model, block_size=int(block_size), num_draft=int(num_draft),
                            draft_steps=int(draft_steps), max_new_tokens=int(max_new_tokens), top_k=int(top_k),
                            top_p=float(top_p), greedy=greedy, eos_id=eos_id, pad_id=pad_id,
-                           accept_rule=accept_rule, return_trace=bool(return_trace))
+                           accept_rule=accept_rule, guide=None if guide is None else float(guide),
+                           return_trace=bool(return_trace))
