@@ -85,7 +85,7 @@ def _gpu_q_grid_extras(cfg: _Config, qseg, kseg, bq: int, sp: int):
     operands[:2] = [qseg, kseg]
   if cfg.table:
     specs[2:] = _gpu_meta_specs([cfg.meta.partial_blocks.shape])
-    operands[2] = jnp.asarray(cfg.meta.partial_blocks)
+    operands[2] = jnp.asarray(cfg.meta.partial_blocks, jnp.int32)
   return specs, operands
 
 
@@ -229,7 +229,7 @@ def _gpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
   if cfg.table:
     pt = np.ascontiguousarray(meta.partial_blocks.transpose(0, 2, 1))
     in_specs += _gpu_meta_specs([pt.shape])
-    operands.append(jnp.asarray(pt))
+    operands.append(jnp.asarray(pt, jnp.int32))
   else:
     in_specs.append(None)
     operands.append(None)

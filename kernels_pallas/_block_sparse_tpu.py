@@ -51,9 +51,11 @@ def _softmax_step(s, allowed, v, m_prev, l_prev, acc_prev):
   if allowed is not None:
     s = jnp.where(allowed, s, NEG_INF)
   m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))  # [bq, 128]
-  p = jnp.exp(s - _lanes(m_new, bk))
-  if allowed is not None:
-    p = jnp.where(allowed, p, 0.0)
+  # A row with no allowed key so far has m_new == NEG_INF, where exp(s - m_new) would be 1 for its masked
+  # entries; shifting such rows by 0 instead makes them exp(NEG_INF) == 0 exactly. One select per row instead of a
+  # second select over the whole [bq, bk] tile.
+  m_shift = m_new if allowed is None else jnp.where(m_new == NEG_INF, 0.0, m_new)
+  p = jnp.exp(s - _lanes(m_shift, bk))
   alpha = jnp.exp(m_prev - m_new)
   l_new = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
   acc_new = _lanes(alpha, d) * acc_prev + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -79,8 +81,10 @@ def _tpu_fwd_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref,
   run = j < cnt_ref[qi]
 
   def compute(masked: bool):
-    q_abs = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    k_abs = kv_idx_ref[qi, j] * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    # Positions as a column and a row: the mask's integer arithmetic (divisions by the block size) runs on
+    # vectors; only its final comparisons broadcast to the [bq, bk] tile.
+    q_abs = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    k_abs = kv_idx_ref[qi, j] * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     s, _ = _scores(q_ref[...], k_ref[...], cfg)
     allowed = _allowed(cfg, q_abs, k_abs, tbl_ref[...] if (masked and cfg.table) else None,
                        qseg_ref[...] if cfg.segments else None, kseg_ref[...] if cfg.segments else None, masked)
@@ -170,8 +174,10 @@ def _tpu_dq_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, 
   run = j < cnt_ref[qi]
 
   def compute(masked: bool):
-    q_abs = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    k_abs = kv_idx_ref[qi, j] * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    # Positions as a column and a row: the mask's integer arithmetic (divisions by the block size) runs on
+    # vectors; only its final comparisons broadcast to the [bq, bk] tile.
+    q_abs = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    k_abs = kv_idx_ref[qi, j] * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     k = k_ref[...]
     s, dcap = _scores(q_ref[...], k, cfg)
     allowed = _allowed(cfg, q_abs, k_abs, tbl_ref[...] if (masked and cfg.table) else None,
@@ -206,8 +212,8 @@ def _tpu_dkv_kernel(q_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, 
 
   def compute(masked: bool):
     # Transposed orientation [bk, bq]: per-query vectors are lane rows (1, bq).
-    k_abs = ki * bk + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
-    q_abs = q_idx_ref[ki, j] * bq + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
+    k_abs = ki * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+    q_abs = q_idx_ref[ki, j] * bq + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
     q, do = q_ref[...], do_ref[...]
     s, dcap = _scores(k_ref[...], q, cfg)
     allowed = _allowed(cfg, q_abs, k_abs, tbl_ref[...] if (masked and cfg.table) else None,

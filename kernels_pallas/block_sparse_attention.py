@@ -74,6 +74,14 @@ def _check_block(backend: str, name: str, block: int, length: int) -> None:
       raise ValueError(f"GPU (Triton): {name}={block} must be a power of two >= 16; e.g. {name}=64.")
 
 
+def _use_table(backend: str, mask: masks_lib.Mask) -> bool:
+  """Whether partially masked tiles read a host-built, deduplicated int8 tile table instead of evaluating the
+  predicate in the kernel. Always on TPU: evaluating a structured mask (BD3's divisions by the block size) over a
+  [bq, bk] tile cost 2-3x an unmasked tile in the compiler's bundle count, a table tile costs ~1.1x
+  (benchmarks/tpu_kernel_cost.py). GPU: only masks whose predicate cannot run in a kernel."""
+  return backend == "tpu" or not common.predicate_runs_in_kernel(mask)
+
+
 def _default_block(backend: str, length: int) -> int:
   base = DEFAULT_BLOCKS[backend]
   if backend == "tpu" and length < base:
@@ -185,7 +193,7 @@ def block_sparse_attention(q, k, v, *, mask: masks_lib.Mask, q_segment_ids=None,
   cfg = _Config(mask=mask, q_len=t, kv_len=s, block_q=int(bq), block_kv=int(bk), groups=h // kvh,
                 sm_scale=float(d ** -0.5 if sm_scale is None else sm_scale),
                 logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap), backend=backend,
-                interpret=interpret, table=not common.predicate_runs_in_kernel(mask), segments=segments)
+                interpret=interpret, table=_use_table(backend, mask), segments=segments)
   meta = cfg.meta
   tp, sp = meta.padded_q_len, meta.padded_kv_len
   with jax.named_scope("block_sparse_attention"):

@@ -47,7 +47,7 @@ class BlockSparseMetadata:
   dkv_kind: np.ndarray         # int32 [nk, dkv_width]
   dkv_count: np.ndarray        # int32 [nk]
   dkv_block_id: np.ndarray     # int32 [nk, dkv_width]
-  partial_blocks: Optional[np.ndarray]  # int32 [n, bq, bk] (1 = allowed) or None when the predicate runs in-kernel
+  partial_blocks: Optional[np.ndarray]  # int8 [n, bq, bk] (1 = allowed) or None when the predicate runs in-kernel
 
   @property
   def num_q_tiles(self) -> int:
@@ -124,14 +124,15 @@ def build_metadata(mask: masks_lib.Mask, q_len: int, kv_len: int, block_q: int, 
   dkv_block_id = np.zeros_like(dkv_index)
   partial = None
   if table:
-    dense = np.zeros((nq * block_q, nk * block_kv), bool)
-    dense[:q_len, :kv_len] = mask.dense(q_len, kv_len)
     blocks, ids = [], {}
     tile_id = {}
     for i in range(nq):
       for j in range(nk):
         if classes[i, j] != masks_lib.EMPTY and (classes[i, j] != masks_lib.FULL or edge[i, j]):
-          tile = dense[i * block_q:(i + 1) * block_q, j * block_kv:(j + 1) * block_kv]
+          # One tile at a time (host memory O(tile), not O(q_len * kv_len)); past the lengths is masked.
+          tile = np.zeros((block_q, block_kv), bool)
+          rows, cols = min(block_q, q_len - i * block_q), min(block_kv, kv_len - j * block_kv)
+          tile[:rows, :cols] = mask.dense(rows, cols, q_offset=i * block_q, kv_offset=j * block_kv)
           key = tile.tobytes()
           if key not in ids:
             ids[key] = len(blocks)
@@ -139,7 +140,7 @@ def build_metadata(mask: masks_lib.Mask, q_len: int, kv_len: int, block_q: int, 
           tile_id[i, j] = ids[key]
     if not blocks:
       blocks.append(np.zeros((block_q, block_kv), bool))
-    partial = np.stack(blocks).astype(np.int32)
+    partial = np.stack(blocks).astype(np.int8)
 
     def fill(index, kind, out, transpose):
       last = 0
