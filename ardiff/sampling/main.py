@@ -78,6 +78,8 @@ def parse_args(argv):
   spec.add_argument("--num_draft", type=int, default=4, help="drafted tokens per step")
   spec.add_argument("--draft_steps", type=int, default=1,
                     help="diffuspec: drafter forwards per step (slots filled left to right, 1..num_draft)")
+  spec.add_argument("--guide", type=float, default=None, metavar="TAU",
+                    help="diffuspec: FreeCache-style AR-guided acceptance (LOSSY): keep drafts with p >= TAU * max p")
   return p.parse_args(argv[1:])
 
 
@@ -167,7 +169,8 @@ def main(argv) -> int:
       raise UsageError(f"--draft_checkpoint {args.draft_checkpoint} is a {draft_exp.objective.kind} run"
                        + (" with token_shift" if draft_exp.objective.token_shift else "") + "; diffuspec drafts "
                        "with a block-diffusion run without token shift (e.g. runs/default).")
-    draft, options = (draft_params, draft_model), dict(num_draft=args.num_draft, draft_steps=args.draft_steps)
+    draft, options = (draft_params, draft_model), dict(num_draft=args.num_draft, draft_steps=args.draft_steps,
+                                                       guide=args.guide)
     block_size = block_size or draft_exp.objective.block_size
     context = min(context, draft_exp.data.seq_len)
   eos_id = tok.eos_id
