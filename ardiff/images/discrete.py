@@ -102,14 +102,15 @@ def grid_labels(per_class: int) -> np.ndarray:
   return np.repeat(np.arange(IMAGE_CLASSES, dtype=np.int32), per_class)
 
 
-def write_samples(params, model, exp, run_dir, *, per_class: Optional[int] = None, rng=None, **kwargs) -> str:
-  """``samples.png`` in ``run_dir``: one row per class, ``per_class`` (default ``train.num_samples``) columns.
-  Returns a line naming the file."""
+def write_samples(params, model, exp, run_dir, *, per_class: Optional[int] = None, rng=None, out=None,
+                  **kwargs) -> str:
+  """``samples.png`` in ``run_dir`` (or the PNG ``out``): one row per class, ``per_class`` (default
+  ``train.num_samples``) columns. Returns a line naming the file."""
   per_class = per_class or exp.train.num_samples
   levels_img, invalid, _ = sample_images(params, model, exp, grid_labels(per_class),
                                          rng=jax.random.key(0) if rng is None else rng, **kwargs)
   grid = grid_lib.make_grid(tokens_lib.dequantize(levels_img, exp.image.levels), ncol=per_class,
                             scale=grid_lib.grid_scale(exp.image.side))
-  path = grid_lib.write_png(run_dir / "samples.png", grid)
+  path = grid_lib.write_png(out or run_dir / "samples.png", grid)
   note = f" ({invalid} sampled class ids drawn as white pixels)" if invalid else ""
   return f"wrote {IMAGE_CLASSES}x{per_class} class-conditional samples to {path}{note}"

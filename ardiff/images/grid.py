@@ -33,7 +33,9 @@ def write_png(path, grid: np.ndarray) -> str:
   from ardiff.checkpoints.paths import as_path
   buf = io.BytesIO()
   matplotlib.image.imsave(buf, np.clip(grid, 0.0, 1.0), cmap="gray", vmin=0.0, vmax=1.0, format="png")
-  as_path(path).write_bytes(buf.getvalue())
+  path = as_path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buf.getvalue())
   return str(path)
 
 

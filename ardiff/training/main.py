@@ -46,6 +46,9 @@ def _pack_block(exp) -> int:
 
 
 def make_datasets(exp, *, seed: int):
+  if exp.image is not None:  # discrete image runs: ardiff/images, docs/images.md
+    from ardiff.images import discrete
+    return discrete.make_datasets(exp, seed=seed)
   block = _pack_block(exp)
   cfg = _data_cfg(exp)
   micro_batch = exp.train.batch_size // exp.optimizer.grad_accum_steps
@@ -61,6 +64,9 @@ def make_datasets(exp, *, seed: int):
 
 
 def eval_batches(exp, tok):
+  if exp.image is not None:
+    from ardiff.images import discrete
+    return discrete.eval_batches(exp)
   ds, _ = data_lib.make_dataset(_data_cfg(exp), exp.data.eval_split, seed=0, batch_size=exp.train.batch_size,
                                 seq_len=exp.data.seq_len, block_size=_pack_block(exp), num_epochs=1,
                                 shuffle=False, tokenizer=tok)
@@ -74,6 +80,9 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_afte
   returns or raises, so a failed call in a notebook leaves nothing behind.
   """
   exp = experiment_lib.validate(config, devices=jax.devices())
+  if exp.image is not None and exp.image.kind == "continuous":  # ACDiT image runs: ardiff/images, docs/images.md
+    from ardiff.images import acdit_train
+    return acdit_train.train(exp, progress=progress, stop_after=stop_after)
   run_dir = run_dir_lib.as_path(exp.train.run_dir)  # a local path or a URL (gs://...), never abspath'ed
   run_dir.mkdir(parents=True, exist_ok=True)
   with contextlib.ExitStack() as cleanup:
@@ -174,7 +183,8 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
     if done % tcfg.eval_every == 0 or done == total_steps:
       ev = evaluate_lib.evaluate(state.params, eval_batches(exp, tok), model=model, objective=exp.objective,
                                  rng=jax.random.key(done), max_batches=tcfg.eval_batches, eval_fn=eval_fn,
-                                 put_batch=put, byte_vocab=exp.data.tokenizer.startswith("byte"))
+                                 put_batch=put,
+                                 byte_vocab=exp.data.tokenizer.startswith("byte") and exp.image is None)
       for k, v in ev.items():
         writer.add_scalar(f"eval/{k}", v, done)
       metrics_log.write({"step": done, **{f"eval/{k}": v for k, v in ev.items()}})
@@ -246,7 +256,10 @@ class _StopOnSigterm:
 
 
 def write_samples(params, model, exp, tok, run_dir) -> str:
-  """A few generated samples, written to ``samples.txt`` in the run directory."""
+  """A few generated samples, written to ``samples.txt`` in the run directory (image runs: ``samples.png``)."""
+  if exp.image is not None:
+    from ardiff.images import discrete
+    return discrete.write_samples(params, model, exp, run_dir_lib.as_path(run_dir))
   from ardiff.sampling.generate import generate_for_experiment
   texts = generate_for_experiment(params, model, exp, tok, num_samples=exp.train.num_samples,
                                   num_tokens=exp.train.sample_tokens, rng=jax.random.key(0))
@@ -267,7 +280,7 @@ def evaluate_run(run_dir, *, max_batches: Optional[int] = None, use_ema: bool = 
   put = lambda b: data_lib.to_global_batch(b, sharding.batch_sharding(mesh))
   return evaluate_lib.evaluate(params, eval_batches(exp, tok), model=model, objective=exp.objective,
                                rng=jax.random.key(0), max_batches=max_batches, put_batch=put,
-                               byte_vocab=exp.data.tokenizer.startswith("byte"))
+                               byte_vocab=exp.data.tokenizer.startswith("byte") and exp.image is None)
 
 
 def _progress(start, total, enabled):
