@@ -195,3 +195,15 @@ def test_refusals_name_what_is_supported(checkpoints, tmp_path, capsys):
     families.mask_id(families.FAMILIES["llada"], {}, vocab_size=97)
   assert cli.main(["ardiff", "convert", "--from-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
   assert "no such directory" in capsys.readouterr().err
+
+
+def test_compile_from_hf_builds_the_imported_run_config(checkpoints, capsys):
+  """``ardiff compile --from_hf`` reaches the imported-checkpoint compile (its 8B figures are in docs/pretrained.md;
+  the compile itself is tests/test_aot.py's); the config it compiles is the one ``convert`` writes."""
+  from ardiff import experiment
+  from ardiff.export import hf_compile
+  assert cli.main(["ardiff", "compile", "--from_hf", checkpoints["dream"][0], "--help"]) == 0
+  assert "will an imported checkpoint sample on a TPU slice" in capsys.readouterr().out
+  exp = experiment.validate(hf_compile.experiment_for_hf(checkpoints["fast_dllm_v2"][0], seq_len=64))
+  assert (exp.objective.block_size, exp.objective.token_shift, exp.model.mask_token_id) == (4, True, 3)
+  assert exp.model.param_dtype == "bfloat16" and exp.mesh.fsdp == -1
