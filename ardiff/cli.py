@@ -59,6 +59,8 @@ def main(argv) -> int:
     print(f"error: unknown command {name!r}; use one of {', '.join(COMMANDS)}.\n\n{USAGE}", file=sys.stderr)
     return EXIT_USAGE
   module_name = COMMANDS[name][0]
+  if name == "compile" and any(a.split("=")[0] in ("--from_hf", "--from-hf") for a in argv[2:]):
+    module_name = "ardiff.export.hf_compile"  # an imported checkpoint's sampler steps (config.json only)
   module = importlib.import_module(module_name)  # lazy: `ardiff sample` need not import the trainer
   try:
     return module.main([f"ardiff {name}"] + argv[2:]) or 0
