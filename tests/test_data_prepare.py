@@ -207,7 +207,8 @@ def test_folder_of_text_to_bpe_training_through_the_cli(tmp_path, capsys):
   for i, d in enumerate(docs):
     (corpus / f"{i:02d}.txt").write_text(d)
   data, tok = str(tmp_path / "data"), str(tmp_path / "tok.json")
-  assert cli.main(["ardiff", "data", "prepare", "--input", f"{corpus}/*.txt", "--format", "txt", "--out", data,
+  (corpus / ".hidden.txt").write_text("not a document")  # a directory input skips hidden files
+  assert cli.main(["ardiff", "data", "prepare", "--input", str(corpus), "--format", "txt", "--out", data,
                    "--split", "validation=0.25", "--no_progress"]) == 0
   assert cli.main(["ardiff", "data", "tokenizer", "--input", data, "--vocab", "320", "--kind", "bpe", "--out", tok,
                    "--no_progress"]) == 0

@@ -65,7 +65,7 @@ def expand_inputs(pattern: str, fmt: str) -> list[epath.Path]:
       if fmt == "hf_disk":
         out.append(m)
       elif m.is_dir():
-        out.extend(sorted((f for f in m.rglob("*") if f.is_file() and not f.name.startswith(".")), key=str))
+        out.extend(sorted(_files_below(m), key=str))
       else:
         out.append(m)
   seen, unique = set(), []
@@ -77,6 +77,16 @@ def expand_inputs(pattern: str, fmt: str) -> list[epath.Path]:
     raise FileNotFoundError(f"--input {pattern!r} matches no {'directory' if fmt == 'hf_disk' else 'file'}; give "
                             "a path, a directory or a glob such as 'corpus/*.txt' or 'gs://bucket/dir/*.jsonl.gz'.")
   return unique
+
+
+def _files_below(d: epath.Path) -> list[epath.Path]:
+  """Every file under ``d``, hidden names skipped (iterdir recursion: epath refuses ``**`` globs on buckets)."""
+  out = []
+  for child in d.iterdir():
+    if child.name.startswith("."):
+      continue
+    out.extend(_files_below(child) if child.is_dir() else [child])
+  return out
 
 
 def _glob(part: str) -> list[epath.Path]:
