@@ -17,6 +17,7 @@ from ardiff import cli
 from ardiff.data import formats, shakespeare
 from ardiff.data import prepare_corpus as prep
 from ardiff.data.tokenizers import HFTokenizer
+from test_url_run_dirs import bucket  # noqa: F401  (fixture: gs:// URLs served from a local directory)
 
 WORDS = ("the", "river", "ünïcode", "日本", "stone", "light", "—", "ROMEO.", "\t", "naïve", "emoji 🙂", "yonder")
 
@@ -185,6 +186,20 @@ def test_interrupted_prepare_resumes_to_the_same_dataset(tmp_path, monkeypatch, 
     prep.prepare(prep.PrepareOptions(out=str(tmp_path / "cut"), **{**opts, "seed": 9}), progress=False)
 
 
+def test_bucket_inputs_and_output(bucket, tmp_path):
+  """gs:// globs in, a gs:// dataset out (built in a local staging directory, then copied into the bucket)."""
+  docs = _docs(30)
+  _write_inputs(bucket / "bkt" / "in", "jsonl", docs)
+  s = prep.prepare(prep.PrepareOptions("gs://bkt/in/part*", "jsonl", "gs://bkt/prepared", field="meta.body",
+                                       split=("validation", 0.25)), progress=False)
+  names = [f"bkt/in/part{i}.jsonl{x}" for i, x in enumerate(["", ".gz", ".zst"])]
+  assert [p[:5] for p in s["fingerprint"]["inputs"]] == ["gs://"] * 3  # URLs all the way (the stand-in lists
+  assert [p[-len(n):] for p, n in zip(s["fingerprint"]["inputs"], names)] == names  # its root in the names)
+  local = bucket / "bkt" / "prepared"  # what the bucket holds, read back through its local stand-in
+  assert (_read(local, "train"), _read(local, "validation")) == _expected(docs, 0.25, 0)
+  assert not prep._work_dir("gs://bkt/prepared").exists()  # the staging copy is gone
+
+
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
 def test_trained_tokenizer_reserves_specials_and_round_trips(tmp_path, kind):
   from ardiff.data import tokenizer_train
@@ -198,6 +213,7 @@ def test_trained_tokenizer_reserves_specials_and_round_trips(tmp_path, kind):
     assert hf.decode(ids) == text and not {0, 1, 2, 3} & set(ids)
 
 
+@pytest.mark.usefixtures("fast_compiles")  # compile-dominated; what is checked is the data's way through
 def test_folder_of_text_to_bpe_training_through_the_cli(tmp_path, capsys):
   """The README's three commands: prepare a folder of .txt files, train a BPE on it, show the packed rows (decoded
   back to the documents), train a few steps; a config with the byte vocabulary stops at load with the fix."""
