@@ -36,6 +36,8 @@ USAGE = ("usage: python -m ardiff <command> [flags]    (python -m ardiff <comman
 EXPECTED_ERRORS = (ValueError, NotImplementedError, FileNotFoundError, FileExistsError, NotADirectoryError,
                    IsADirectoryError, PermissionError)
 EXIT_USAGE = 2
+# Commands that run as one job over several processes when a launcher sets ardiff.distributed's variables.
+DISTRIBUTED_COMMANDS = ("train", "eval", "sample")
 
 
 def debug_requested(argv) -> bool:
@@ -63,6 +65,9 @@ def main(argv) -> int:
     module_name = "ardiff.export.hf_compile"  # an imported checkpoint's sampler steps (config.json only)
   module = importlib.import_module(module_name)  # lazy: `ardiff sample` need not import the trainer
   try:
+    if name in DISTRIBUTED_COMMANDS:  # several processes (launch/local.sh --processes, a TPU pod): join them first
+      from ardiff import distributed
+      distributed.initialize_from_env()
     return module.main([f"ardiff {name}"] + argv[2:]) or 0
   except SystemExit as e:  # argparse: --help (0) or a usage error it already printed (2)
     if e.code is None or isinstance(e.code, int):

@@ -8,25 +8,34 @@ usage() {
 usage: launch/tpu_vm.sh <command> [args...]
 
 commands:
-  create              gcloud compute tpus tpu-vm create $TPU_NAME (zone, accelerator type, software version)
-  setup               on every worker: get the repo into ~/ardiff, pip install -r requirements.txt, jax[tpu]
+  create              gcloud compute tpus tpu-vm create $TPU_NAME (zone, accelerator type, runtime version,
+                      service-account scopes); QUEUED=1: a queued resource instead (large slices, spot capacity)
+  setup               on every worker: check Python >= 3.11, get the repo into ~/ardiff, pip install -r
+                      requirements.txt, jax[tpu]; prints each host's process index and device count
   run [train flags]   on every worker: nohup ARDIFF_DISTRIBUTED=1 python -m ardiff train [flags]
                       (each host logs to ~/ardiff/logs/host-$WORKER.log; survives ssh disconnects)
   logs [N]            last N (default 50) lines of every host's log
   stop                kill the training process on every worker
   ssh [CMD]           run CMD (default: hostname) on every worker
-  delete              delete the TPU VM (stops billing)
+  delete              delete the TPU VM, or the queued resource with QUEUED=1 (stops billing)
 
 environment (defaults in brackets):
   TPU_NAME      [ardiff-tpu]          TPU VM name
   ZONE          [us-east5-a]          zone with quota for ACCELERATOR
-  ACCELERATOR   [v5p-8]               accelerator type, e.g. v5p-8, v5p-1024, v4-32, v5litepod-16
-  TPU_VERSION   [v2-alpha-tpuv5]      TPU software version (runtime image), e.g. tpu-ubuntu2204-base for v4
+  ACCELERATOR   [v5p-8]               accelerator type, e.g. v5p-8, v5p-1024, v5litepod-16 (v5e), v6e-16, v4-32
+  TPU_VERSION   [by ACCELERATOR]      runtime image: v5e (v5litepod-*) v2-alpha-tpuv5-lite, v5p-* v2-alpha-tpuv5,
+                                      v6e-* v2-alpha-tpuv6e, v4-* tpu-ubuntu2204-base
+  SERVICE_ACCOUNT []                  service account of the VMs (default: the project's compute default);
+                                      it needs read/write on the gs:// buckets of data_dir and run_dir
+  SCOPES        [cloud-platform]      OAuth scopes of the VMs (GCS access from the workers needs storage scope)
+  QUEUED        [0]                   1: create/delete through `gcloud compute tpus queued-resources`
   PROJECT       [gcloud default]      GCP project
   REPO_URL      []                    git URL to clone in `setup`; empty: copy this checkout with scp instead
   REPO_REF      [main]                branch/tag/commit to check out when cloning
   REMOTE_DIR    [ardiff]              checkout directory on the workers (relative to $HOME)
-  PYTHON        [python3]             interpreter on the workers
+  PYTHON        [python3]             interpreter on the workers; must be Python >= 3.11 (setup checks it; on
+                                      an Ubuntu 22.04 image: sudo apt-get install -y python3.11 python3.11-venv,
+                                      then PYTHON=python3.11)
   JAX_VERSION   [0.10.2]              pinned jax[tpu] version (must match requirements.txt)
   SPOT          [0]                   1: create a spot (preemptible) VM
   DRY_RUN       [0]                   1: print the gcloud commands instead of running them
@@ -42,7 +51,19 @@ USAGE
 TPU_NAME="${TPU_NAME:-ardiff-tpu}"
 ZONE="${ZONE:-us-east5-a}"
 ACCELERATOR="${ACCELERATOR:-v5p-8}"
-TPU_VERSION="${TPU_VERSION:-v2-alpha-tpuv5}"
+default_version() {  # the runtime image of each TPU generation
+  case "$1" in
+    v5litepod-*|v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    v4-*) echo tpu-ubuntu2204-base ;;
+    *) echo "unknown ACCELERATOR '$1': set TPU_VERSION (the runtime image) explicitly" >&2; return 1 ;;
+  esac
+}
+TPU_VERSION="${TPU_VERSION:-$(default_version "$ACCELERATOR")}"
+SERVICE_ACCOUNT="${SERVICE_ACCOUNT:-}"
+SCOPES="${SCOPES:-https://www.googleapis.com/auth/cloud-platform}"
+QUEUED="${QUEUED:-0}"
 PROJECT="${PROJECT:-}"
 REPO_URL="${REPO_URL:-}"
 REPO_REF="${REPO_REF:-main}"
@@ -54,7 +75,11 @@ DRY_RUN="${DRY_RUN:-0}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 gcloud_tpu() {  # gcloud compute tpus tpu-vm <args>, with zone/project, or printed under DRY_RUN=1
-  local cmd=(gcloud compute tpus tpu-vm "$@" --zone="$ZONE")
+  gcloud_tpus tpu-vm "$@"
+}
+
+gcloud_tpus() {  # gcloud compute tpus <group> <args>, with zone/project, or printed under DRY_RUN=1
+  local cmd=(gcloud compute tpus "$@" --zone="$ZONE")
   [[ -n "$PROJECT" ]] && cmd+=(--project="$PROJECT")
   if [[ "$DRY_RUN" == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; else "${cmd[@]}"; fi
 }
@@ -69,7 +94,16 @@ WORKER_ID='WORKER=$(curl -s -H "Metadata-Flavor: Google" "http://metadata.google
 cmd_create() {
   local extra=()
   [[ "$SPOT" == 1 ]] && extra+=(--spot)
-  gcloud_tpu create "$TPU_NAME" --accelerator-type="$ACCELERATOR" --version="$TPU_VERSION" ${extra[@]+"${extra[@]}"}
+  [[ -n "$SERVICE_ACCOUNT" ]] && extra+=(--service-account="$SERVICE_ACCOUNT")
+  if [[ "$QUEUED" == 1 ]]; then
+    # Large slices are granted through the queue (the request waits for capacity); `gcloud compute tpus
+    # queued-resources list` shows its state, the TPU VM appears as $TPU_NAME once ACTIVE.
+    gcloud_tpus queued-resources create "$TPU_NAME" --node-id="$TPU_NAME" --accelerator-type="$ACCELERATOR" \
+      --runtime-version="$TPU_VERSION" ${extra[@]+"${extra[@]}"}
+  else
+    gcloud_tpu create "$TPU_NAME" --accelerator-type="$ACCELERATOR" --version="$TPU_VERSION" --scopes="$SCOPES" \
+      ${extra[@]+"${extra[@]}"}
+  fi
 }
 
 cmd_setup() {
@@ -85,7 +119,8 @@ cmd_setup() {
     rm -f "$tarball"
     fetch="mkdir -p ~/$REMOTE_DIR && tar -xzf /tmp/ardiff.tar.gz -C ~/$REMOTE_DIR"
   fi
-  on_all_workers "set -e; $fetch && cd ~/$REMOTE_DIR && mkdir -p logs && \
+  local pycheck="$PYTHON -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo \"\$(hostname): $PYTHON is \$($PYTHON --version 2>&1); ardiff needs Python >= 3.11: sudo apt-get install -y python3.11 python3.11-venv and set PYTHON=python3.11\"; exit 1; }"
+  on_all_workers "set -e; $pycheck; $fetch && cd ~/$REMOTE_DIR && mkdir -p logs && \
 $PYTHON -m pip install -q --upgrade pip && \
 $PYTHON -m pip install -q -r requirements.txt && \
 $PYTHON -m pip install -q 'jax[tpu]==$JAX_VERSION' && \
@@ -122,7 +157,11 @@ cmd_ssh() {
 }
 
 cmd_delete() {
-  gcloud_tpu delete "$TPU_NAME" --quiet
+  if [[ "$QUEUED" == 1 ]]; then
+    gcloud_tpus queued-resources delete "$TPU_NAME" --force --quiet
+  else
+    gcloud_tpu delete "$TPU_NAME" --quiet
+  fi
 }
 
 main() {

@@ -27,7 +27,8 @@ from ardiff.checkpoints.paths import as_path
 T = TypeVar("T")
 # Test hook for fault injection (tests/test_train_e2e.py): "<when>:<step>" with when in before|during|after kills
 # this process with SIGKILL before the save of <step> starts, right after its asynchronous write started, or after
-# it was committed; "sigterm:<step>" sends it SIGTERM (a preemption) when step <step> is done.
+# it was committed; "sigterm:<step>" sends it SIGTERM (a preemption) when step <step> is done. A "@<process>" suffix
+# limits it to that process index (tests/test_multihost.py).
 KILL_ENV = "ARDIFF_TEST_KILL_AT"
 
 
@@ -131,8 +132,37 @@ def _set_aside(directory: epath.Path, step: int, problem: str) -> None:
 
 def _maybe_kill(when: str, step: int) -> None:
   spec = os.environ.get(KILL_ENV)
+  if spec and "@" in spec:  # "<when>:<step>@<process>": only that process of a multi-process run
+    spec, _, process = spec.partition("@")
+    if process != str(jax.process_index()):
+      return
   if spec and spec == f"{when}:{step}":
     os.kill(os.getpid(), signal.SIGTERM if when == "sigterm" else signal.SIGKILL)
+
+
+def _is_sharded(data_iter) -> bool:
+  return hasattr(data_iter, "num_shards")  # ardiff.data.pipeline.ShardedBatches (no import: no cycle)
+
+
+def _gather_shard_states(data_iter) -> dict:
+  """Every process's shard states in one dict (a collective: every process calls it at the same step)."""
+  import json
+
+  from ardiff import distributed
+  local = data_iter.get_state()
+  parts = [json.loads(p) for p in distributed.gather_strings(json.dumps(local, sort_keys=True))]
+  return {"num_shards": local["num_shards"], "shards": distributed.merge_dicts([p["shards"] for p in parts])}
+
+
+def _single_iterator(data_iter, step):
+  """The one grain iterator of a single-shard, single-process run (what a pre-shard checkpoint can restore)."""
+  its = getattr(data_iter, "_iters", {})
+  if data_iter.num_shards != 1 or len(its) != 1:
+    raise MissingItemError(
+        f"checkpoint step {step} holds the data iterator of a one-shard run (written before data shards), but "
+        f"this run has {data_iter.num_shards} data shards (mesh.data * mesh.fsdp); resume it on one device, or "
+        "start a new run_dir with train.init_from=<this run>.")
+  return next(iter(its.values()))
 
 
 class Checkpointer:
@@ -144,8 +174,11 @@ class Checkpointer:
     if kwargs:
       raise TypeError(f"Unknown Checkpointer arguments: {sorted(kwargs)}.")
     self.directory = as_path(directory)
+    # data: grain's own per-process iterator files (one plain iterator); data_shards: the JSON states of every data
+    # shard of a multi-process run (ardiff.data.pipeline.ShardedBatches), gathered to process 0 and written once,
+    # so any number of processes can restore them
     handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                "data": _grain_checkpoint().CheckpointHandler()}
+                "data": _grain_checkpoint().CheckpointHandler(), "data_shards": ocp.JsonCheckpointHandler()}
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_every,
@@ -156,12 +189,16 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iter=None, config_dict: Optional[dict] = None,
            force: bool = False) -> bool:
     """Save ``state`` (plain arrays), optionally the grain iterator and a JSON config; returns whether it saved."""
+    _maybe_kill("sigterm", step)
     items = {"state": ocp.args.StandardSave(state)}
-    if data_iter is not None:
+    if data_iter is not None and _is_sharded(data_iter):
+      if not (force or self._mngr.should_save(int(step))):
+        return False  # the gather below is a collective: only on steps that are saved (same on every process)
+      items["data_shards"] = ocp.args.JsonSave(_gather_shard_states(data_iter))
+    elif data_iter is not None:
       items["data"] = _grain_checkpoint().CheckpointSave(data_iter)
     if config_dict is not None:
       items["config"] = ocp.args.JsonSave(config_dict)
-    _maybe_kill("sigterm", step)
     _maybe_kill("before", step)
     saved = self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
     if saved:
@@ -192,7 +229,12 @@ class Checkpointer:
 
     def restore_one(s):
       items = {"state": ocp.args.StandardRestore(target)}
-      if data_iter is not None:
+      if data_iter is not None and _is_sharded(data_iter):
+        if (self.directory / str(s) / "data_shards").exists():
+          items["data_shards"] = ocp.args.JsonRestore()
+        else:  # written before data shards existed: grain's per-process files of one plain iterator
+          items["data"] = _grain_checkpoint().CheckpointRestore(_single_iterator(data_iter, s))
+      elif data_iter is not None:
         items["data"] = _grain_checkpoint().CheckpointRestore(data_iter)
       if with_config:
         items["config"] = ocp.args.JsonRestore()
@@ -204,6 +246,8 @@ class Checkpointer:
       s, out = restore_latest(self.directory, steps, restore_one)
     finally:
       self._mngr.reload()  # forget the steps moved aside, so that they can be saved again
+    if data_iter is not None and _is_sharded(data_iter) and "data_shards" in out:
+      data_iter.set_state(out.data_shards)  # after the fallback: another shard count is a refusal, not damage
     return (s, out.state, out.config) if with_config else (s, out.state)
 
   # -------------------------------------------------------------- lifecycle

@@ -39,7 +39,8 @@ from ardiff.data import shakespeare
 from ardiff.data.tokenizers import Tokenizer, make_tokenizer
 from ardiff.sections import DataConfig  # the one data config (defaults and checks) of experiments and this pipeline
 
-__all__ = ["DataConfig", "make_dataset", "make_source", "to_global_batch", "default_shard", "BATCH_KEYS"]
+__all__ = ["DataConfig", "make_dataset", "make_source", "to_global_batch", "default_shard", "BATCH_KEYS",
+           "batch_shards", "ShardedBatches", "make_sharded_batches", "ShardCountError"]
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
 
@@ -248,3 +249,92 @@ def to_global_batch(batch: Mapping[str, np.ndarray], sharding) -> dict:
                        "batch size must be divisible by the number of devices on the batch axes") from e
     out[k] = jax.make_array_from_process_local_data(s, v, global_shape)
   return out
+
+
+# ---------------------------------------------------------------------------------------------- multi-process
+# The global batch of a run is the concatenation of S *data shards*, S = the number of distinct row blocks of the
+# batch sharding (mesh.data * mesh.fsdp). Shard s reads records s, s+S, s+2S, ... of the split, shuffles and packs
+# them on its own and yields batch_size // S rows: the rows device block s holds. A process reads only the shards
+# its devices hold, so processes read disjoint records, and the global batch (rows and order) depends on S alone --
+# 2 processes x 2 devices and 1 process x 4 devices with the same mesh see the same batches. Iterator states are
+# kept per shard, so a checkpoint restores under any process count with the same S.
+
+
+class ShardCountError(ValueError):
+  """A checkpointed data iterator was written for another number of data shards (mesh.data * mesh.fsdp)."""
+
+
+def batch_shards(sharding, batch_size: int) -> tuple[int, list[int]]:
+  """``(S, [shard indices this process holds, in row order])`` for a batch of ``batch_size`` rows placed with
+  ``sharding`` (a Sharding of the batch's leading dim). Raises ValueError when S does not divide the batch."""
+  import jax
+  blocks = sorted({(sl[0].start or 0) for sl in sharding.devices_indices_map((batch_size,)).values()})
+  num = len(blocks)
+  if batch_size % num:
+    raise ValueError(f"train/eval batch_size={batch_size} is not divisible by the {num} data shards "
+                     "(mesh.data * mesh.fsdp); pick a batch size that is a multiple of it")
+  mine = sorted({(sl[0].start or 0) for d, sl in sharding.devices_indices_map((batch_size,)).items()
+                 if d.process_index == jax.process_index()})
+  size = batch_size // num
+  return num, [start // size for start in mine]
+
+
+class ShardedBatches:
+  """This process's rows of every global batch: one grain iterator per local data shard, concatenated row-wise.
+
+  ``next()`` gives the per-process batch (dict of numpy arrays ``[local_rows, L]``) that
+  :func:`to_global_batch` turns into global arrays. ``get_state()`` is ``{"num_shards": S, "shards": {"s":
+  json state}}`` for the local shards; ``set_state`` takes such a dict holding (at least) the local shards.
+  Stops when any local shard is exhausted (evaluation: see ``ardiff.distributed.any_process``).
+  """
+
+  def __init__(self, datasets: dict[int, Any], num_shards: int):
+    self.num_shards = num_shards
+    self._datasets = datasets
+    self._iters = {s: iter(ds) for s, ds in datasets.items()}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    parts = [next(it) for _, it in sorted(self._iters.items())]
+    if len(parts) == 1:
+      return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict:
+    import json
+    return {"num_shards": self.num_shards,
+            "shards": {str(s): json.dumps(it.get_state(), sort_keys=True) for s, it in self._iters.items()}}
+
+  def set_state(self, state: dict) -> None:
+    import json
+    saved = int(state.get("num_shards", -1))
+    if saved != self.num_shards:
+      raise ShardCountError(
+          f"the checkpoint's data iterator has {saved} data shards but this run has {self.num_shards} "
+          "(mesh.data * mesh.fsdp): restoring it would replay or skip data. Resume with the mesh it was trained "
+          f"on (data * fsdp = {saved}, any number of processes), or start a new run_dir with "
+          "train.init_from=<this run> to keep the parameters and restart the data.")
+    missing = [s for s in self._iters if str(s) not in state["shards"]]
+    if missing:
+      raise ShardCountError(f"the checkpoint's data iterator lacks shards {missing}")
+    for s, it in self._iters.items():
+      it.set_state(json.loads(state["shards"][str(s)]))
+
+
+def make_sharded_batches(cfg: Any, split: str, *, sharding, batch_size: int, seed: int, seq_len: int,
+                         block_size: int = 0, num_epochs: int | None = None, shuffle: bool = True,
+                         tokenizer: Tokenizer | str | None = None) -> tuple[ShardedBatches, Tokenizer]:
+  """This process's :class:`ShardedBatches` of the GLOBAL ``batch_size`` placed with ``sharding``; arguments as
+  :func:`make_dataset`. Returns ``(iterator, tokenizer)``."""
+  num, mine = batch_shards(sharding, batch_size)
+  source = make_source(cfg, split)
+  tok = make_tokenizer(tokenizer if tokenizer is not None else _cfg_get(cfg, "tokenizer"))
+  datasets = {}
+  for s in mine:
+    datasets[s], _ = make_dataset(cfg, split, seed=seed, batch_size=batch_size, seq_len=seq_len,
+                                  block_size=block_size, num_epochs=num_epochs, shuffle=shuffle, shard_index=s,
+                                  shard_count=num, tokenizer=tokenizer if tokenizer is not None else tok,
+                                  source=source)
+  return ShardedBatches(datasets, num), tok

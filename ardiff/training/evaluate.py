@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 import jax
 import numpy as np
 
-from ardiff import objectives
+from ardiff import distributed, objectives
 from ardiff.model import Transformer
 
 
@@ -21,12 +21,19 @@ def evaluate(params, batches: Iterable[dict], *, model: Transformer, objective: 
              rng: jax.Array, max_batches: Optional[int] = None, byte_vocab: bool = True, eval_fn=None,
              put_batch=None) -> dict:
   """Sums over batches, then ratios (exact aggregation). Diffusion: ``nelbo`` uses the count estimator over the
-  full noise range, so ``ppl_upper_bound = exp(nelbo per token)`` bounds the true perplexity in expectation."""
+  full noise range, so ``ppl_upper_bound = exp(nelbo per token)`` bounds the true perplexity in expectation.
+
+  Under several processes ``batches`` are each process's rows of the global batches (``put_batch`` makes them
+  global): all processes stop at the first batch that any of them lacks, and the byte count is summed over them.
+  """
   eval_fn = eval_fn or make_jitted_eval(model, objective)
   total, count, n_bytes, n_batches = 0.0, 0, 0, 0
   key = "nll_sum" if objective.kind in ("ar", "tidar") else "nelbo_sum"
-  for i, batch in enumerate(batches):
-    if max_batches is not None and i >= max_batches:
+  many = jax.process_count() > 1
+  batches = iter(batches)
+  while max_batches is None or n_batches < max_batches:
+    batch = next(batches, None)
+    if distributed.any_process(batch is None) if many else batch is None:  # same stop on every process
       break
     rng, sub = jax.random.split(rng)
     out = eval_fn(params, put_batch(batch) if put_batch else batch, sub)
@@ -36,6 +43,8 @@ def evaluate(params, batches: Iterable[dict], *, model: Transformer, objective: 
     seg = np.asarray(batch["segment_ids"]) if "segment_ids" in batch else np.ones_like(tokens)
     n_bytes += int(np.sum((tokens < 256) & (seg != 0)))
     n_batches += 1
+  if many:
+    n_bytes = distributed.sum_processes(n_bytes)
   if count == 0:
     raise ValueError("evaluation saw no target tokens: is the evaluation split empty or smaller than one batch?")
   per_token = total / count

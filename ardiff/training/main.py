@@ -20,8 +20,10 @@ import jax
 import ml_collections
 
 from ardiff import data as data_lib
+from ardiff import distributed
 from ardiff import experiment as experiment_lib
 from ardiff import objectives, sharding
+from ardiff.data import pipeline as pipeline_lib
 from ardiff.checkpoints import checkpointer as checkpoint_lib
 from ardiff.checkpoints import run_dir as run_dir_lib
 from ardiff.model import Transformer
@@ -45,15 +47,16 @@ def _pack_block(exp) -> int:
   return exp.objective.block_size if exp.objective.kind in ("block_diffusion", "tidar") else 0
 
 
-def make_datasets(exp, *, seed: int):
+def make_datasets(exp, batch_sh, *, seed: int):
+  """This process's training batches (:class:`ardiff.data.pipeline.ShardedBatches`: its data shards of every
+  global micro-batch placed with ``batch_sh``) and the tokenizer."""
   if exp.image is not None:  # discrete image runs: ardiff/images, docs/images.md
     from ardiff.images import discrete
-    return discrete.make_datasets(exp, seed=seed)
-  block = _pack_block(exp)
-  cfg = _data_cfg(exp)
+    return discrete.make_datasets(exp, batch_sh, seed=seed)
   micro_batch = exp.train.batch_size // exp.optimizer.grad_accum_steps
-  train_ds, tok = data_lib.make_dataset(cfg, exp.data.train_split, seed=seed, batch_size=micro_batch,
-                                        seq_len=exp.data.seq_len, block_size=block)
+  train_ds, tok = pipeline_lib.make_sharded_batches(
+      _data_cfg(exp), exp.data.train_split, sharding=batch_sh, batch_size=micro_batch, seed=seed,
+      seq_len=exp.data.seq_len, block_size=_pack_block(exp))
   if tok.vocab_size > exp.model.vocab_size:
     raise ValueError(f"tokenizer {exp.data.tokenizer!r} has {tok.vocab_size} ids but model.vocab_size="
                      f"{exp.model.vocab_size}; set model.vocab_size >= {tok.vocab_size}.")
@@ -63,14 +66,15 @@ def make_datasets(exp, *, seed: int):
   return train_ds, tok
 
 
-def eval_batches(exp, tok):
+def eval_batches(exp, tok, batch_sh):
+  """One pass over the evaluation split: this process's data shards of each global batch (see make_datasets)."""
   if exp.image is not None:
     from ardiff.images import discrete
-    return discrete.eval_batches(exp)
-  ds, _ = data_lib.make_dataset(_data_cfg(exp), exp.data.eval_split, seed=0, batch_size=exp.train.batch_size,
-                                seq_len=exp.data.seq_len, block_size=_pack_block(exp), num_epochs=1,
-                                shuffle=False, tokenizer=tok)
-  return iter(ds)
+    return discrete.eval_batches(exp, batch_sh)
+  ds, _ = pipeline_lib.make_sharded_batches(
+      _data_cfg(exp), exp.data.eval_split, sharding=batch_sh, batch_size=exp.train.batch_size, seed=0,
+      seq_len=exp.data.seq_len, block_size=_pack_block(exp), num_epochs=1, shuffle=False, tokenizer=tok)
+  return ds
 
 
 def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_after: Optional[int] = None) -> dict:
@@ -84,17 +88,32 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_afte
     from ardiff.images import acdit_train
     return acdit_train.train(exp, progress=progress, stop_after=stop_after)
   run_dir = run_dir_lib.as_path(exp.train.run_dir)  # a local path or a URL (gs://...), never abspath'ed
-  run_dir.mkdir(parents=True, exist_ok=True)
-  with contextlib.ExitStack() as cleanup:
-    return _train(exp, run_dir, cleanup, progress=progress, stop_after=stop_after)
+  if distributed.is_main():  # one writer of the run directory's own files; orbax coordinates checkpoints
+    run_dir.mkdir(parents=True, exist_ok=True)
+  try:
+    with contextlib.ExitStack() as cleanup:
+      return _train(exp, run_dir, cleanup, progress=progress, stop_after=stop_after)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    raise PeerFailure(f"process {jax.process_index()} of {jax.process_count()}: a collective failed ("
+                      f"{' '.join(str(e).split())[:200]}); another process of this run most likely died or lost "
+                      "its network. Stop every process and run the same command again on all of them: training "
+                      "resumes from the last checkpoint.") from e
+
+
+class PeerFailure(RuntimeError):
+  """A cross-process computation failed under several processes: another process died or is unreachable."""
 
 
 def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_after: Optional[int]) -> dict:
   tcfg = exp.train
   mesh = sharding.make_mesh(exp)
   model = Transformer(exp.model)
-  train_ds, tok = make_datasets(exp, seed=tcfg.seed)
-  train_iter = iter(train_ds)
+  batch_sh = sharding.batch_sharding(mesh)
+  train_iter, tok = make_datasets(exp, batch_sh, seed=tcfg.seed)
+  main_process = distributed.is_main()
+  say = print if main_process else (lambda *a, **k: None)  # only process 0 talks and writes logs
 
   loss_fn = objectives.make_loss_fn(model, exp.objective)
   accum = exp.optimizer.grad_accum_steps
@@ -103,7 +122,6 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
   clip = clip_search_lib.initial_clip(exp.objective)  # None unless objective.clip_search moves the interval
   state, state_sh, abstract_state = create_state(model, tx, mesh, exp.rules, seed=tcfg.seed,
                                                  ema=ema_decay > 0, clip=clip)
-  batch_sh = sharding.batch_sharding(mesh)
   step_fn = sharding.under_mesh(train_state_lib.jit_train_step(
       train_state_lib.make_train_step(loss_fn, tx, ema_decay=ema_decay if ema_decay > 0 else None,
                                       lr_schedule=lr_schedule, grad_accum_steps=accum), state_sh, batch_sh),
@@ -120,32 +138,37 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
     try:  # a corrupt latest step is moved aside and the previous one restored (checkpoint.restore_latest)
       _, state = ckpt.restore(sharding.with_shardings(abstract_state, state_sh), data_iter=train_iter)
       start = last_saved = int(jax.device_get(state.step))
-      print(f"Resumed from {ckpt.directory} at step {start // accum}.")
+      say(f"Resumed from {ckpt.directory} at step {start // accum}.")
     except checkpoint_lib.NoCheckpointError as e:  # every step was corrupt (all moved aside): start over
-      print(f"{e} Training from step 0.")
+      say(f"{e} Training from step 0.")
       state, _, _ = create_state(model, tx, mesh, exp.rules, seed=tcfg.seed, ema=ema_decay > 0, clip=clip)
-      train_iter = iter(train_ds)
+      train_iter, _ = make_datasets(exp, batch_sh, seed=tcfg.seed)
   elif tcfg.init_from:
     params = run_dir_lib.load_params(tcfg.init_from, model, mesh, exp.rules)
     state = jax.jit(lambda p: train_state_lib.TrainState.create(p, tx, jax.random.key(tcfg.seed + 1),
                                                                 use_ema=ema_decay > 0, clip=clip),
                     out_shardings=state_sh)(params)
-    print(f"Initialised parameters from {tcfg.init_from} (objective now {exp.objective.kind!r}).")
-  run_dir_lib.write_config(run_dir, exp.raw)
+    say(f"Initialised parameters from {tcfg.init_from} (objective now {exp.objective.kind!r}).")
+  if main_process:
+    run_dir_lib.write_config(run_dir, exp.raw)
 
   # Records after the restored step belong to steps about to be replayed: drop them (metrics.jsonl) and tell
   # TensorBoard to discard its later events (purge_step), so a rerun never duplicates a step.
   start_step = start // accum
-  metrics_log = run_dir_lib.MetricsLog(run_dir / run_dir_lib.METRICS_FILE, start_step)
+  if main_process:
+    metrics_log = run_dir_lib.MetricsLog(run_dir / run_dir_lib.METRICS_FILE, start_step)
+    writer = run_dir_lib.TensorBoard(run_dir, start_step)  # purge_step; staged locally for a URL run_dir
+  else:
+    metrics_log = writer = _NoLog()
   cleanup.callback(metrics_log.close)
-  writer = run_dir_lib.TensorBoard(run_dir, start_step)  # purge_step; staged locally for a URL run_dir
   cleanup.callback(writer.close)
   total_steps = tcfg.num_steps
   num_steps = total_steps if stop_after is None else min(total_steps, stop_after)
   tokens_per_step = tcfg.batch_size * exp.data.seq_len
   stop = _StopOnSigterm()
   cleanup.callback(stop.restore)
-  bar = _progress(start_step, total_steps, enabled=progress)
+  bar = _progress(start_step, total_steps, enabled=progress and main_process)
+  note = bar.write if main_process else say  # below the progress bar
   cleanup.callback(bar.close)
   eval_fn = sharding.under_mesh(evaluate_lib.make_jitted_eval(model, exp.objective), mesh, exp.rules)
   clip_every = clip_search_lib.search_every(exp.objective, tcfg.eval_every)  # 0: no clipped-schedule search
@@ -154,6 +177,7 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
   put = lambda b: data_lib.to_global_batch(b, batch_sh)
   save = lambda s, **kw: ckpt.save(s, state, data_iter=train_iter, config_dict=exp.raw.to_dict(), **kw)
   last, t0, last_logged = {}, time.time(), start_step
+  stopping, many = False, jax.process_count() > 1
   for micro in range(start, num_steps * accum):
     state, metrics = step_fn(state, put(next(train_iter)))  # one micro-batch; optax.MultiSteps accumulates
     # One scalar per micro-step (the all-reduced finiteness of loss, grads and updated params): a bad step was not
@@ -181,44 +205,57 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
       last = metrics
     bar.update(1)
     if done % tcfg.eval_every == 0 or done == total_steps:
-      ev = evaluate_lib.evaluate(state.params, eval_batches(exp, tok), model=model, objective=exp.objective,
+      ev = evaluate_lib.evaluate(state.params, eval_batches(exp, tok, batch_sh), model=model, objective=exp.objective,
                                  rng=jax.random.key(done), max_batches=tcfg.eval_batches, eval_fn=eval_fn,
                                  put_batch=put,
                                  byte_vocab=exp.data.tokenizer.startswith("byte") and exp.image is None)
       for k, v in ev.items():
         writer.add_scalar(f"eval/{k}", v, done)
       metrics_log.write({"step": done, **{f"eval/{k}": v for k, v in ev.items()}})
-      bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float)))
+      note(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float)))
       last.update({f"eval/{k}": v for k, v in ev.items()})
     if clip_every and done % clip_every == 0 and done < total_steps:  # before the save: checkpoints hold the interval
-      state, sched = clip_search_lib.run(state, eval_batches(exp, tok), exp.objective, per_block_fn=per_block_fn,
+      state, sched = clip_search_lib.run(state, eval_batches(exp, tok, batch_sh), exp.objective, per_block_fn=per_block_fn,
                                          step=done, clip_sharding=state_sh.clip, put_batch=put)
       for k, v in sched.items():
         writer.add_scalar(k, v, done)
       metrics_log.write({"step": done, **sched})
-      bar.write(f"step {done}: training now draws t in [{sched['schedule/clip_low']:g}, "
+      note(f"step {done}: training now draws t in [{sched['schedule/clip_low']:g}, "
                 f"{sched['schedule/clip_high']:g}] (per-block NELBO variance {sched['schedule/min_variance']:.4g})")
       last.update(sched)
     if save(micro + 1):
       last_saved = micro + 1
-    if stop.requested:  # SIGTERM (preemption, launch/tpu_vm.sh stop): save this step once, then leave the loop
+    # SIGTERM (preemption, launch/tpu_vm.sh stop) on any process: every process sees the same answer at the same
+    # step (a collective when there are several), so all save this step once and leave the loop together.
+    stopping = distributed.any_process(stop.requested) if many else stop.requested
+    if stopping:
       if last_saved != micro + 1:
         save(micro + 1, force=True)
         last_saved = micro + 1
       ckpt.wait()
-      bar.write(f"SIGTERM: saved step {done} in {ckpt.directory}; run the same command again to resume.")
+      note(f"SIGTERM: saved step {done} in {ckpt.directory}; run the same command again to resume.")
       break
   bar.close()
   final_micro = int(jax.device_get(state.step))
   if last_saved != final_micro:
     save(final_micro, force=True)
   ckpt.wait()
-  if final_micro == total_steps * accum and tcfg.num_samples > 0 and not stop.requested:
-    text = write_samples(state.params, model, exp, tok, run_dir)
-    print(text)
+  if final_micro == total_steps * accum and tcfg.num_samples > 0 and not stopping:
+    text = write_samples(state.params, model, exp, tok, run_dir)  # every process samples, process 0 writes
+    say(text)
   writer.flush()
-  plot_loss(run_dir / run_dir_lib.METRICS_FILE, run_dir / "loss.png")
+  if main_process:
+    plot_loss(run_dir / run_dir_lib.METRICS_FILE, run_dir / "loss.png")
   return last
+
+
+class _NoLog:
+  """metrics.jsonl / TensorBoard on processes other than 0: nothing is written."""
+
+  def write(self, *_):
+    pass
+
+  add_scalar = flush = close = write
 
 
 def create_state(model, tx, mesh, rules, *, seed: int, ema: bool, clip=None):
@@ -268,7 +305,8 @@ def write_samples(params, model, exp, tok, run_dir) -> str:
   from ardiff.sampling.generate import DEFAULT_PROMPT
   line = sample_report(texts, data_name=exp.data.name, tokenizer=exp.data.tokenizer, prompt=DEFAULT_PROMPT)
   body += f"\n\n{line}" if line else ""
-  (run_dir_lib.as_path(run_dir) / "samples.txt").write_text(body + "\n")
+  if distributed.is_main():
+    (run_dir_lib.as_path(run_dir) / "samples.txt").write_text(body + "\n")
   return body
 
 
@@ -277,8 +315,9 @@ def evaluate_run(run_dir, *, max_batches: Optional[int] = None, use_ema: bool = 
   exp, model, params = load_run(run_dir, use_ema=use_ema)
   mesh = sharding.make_mesh(exp)
   tok = data_lib.make_tokenizer(exp.data.tokenizer)
-  put = lambda b: data_lib.to_global_batch(b, sharding.batch_sharding(mesh))
-  return evaluate_lib.evaluate(params, eval_batches(exp, tok), model=model, objective=exp.objective,
+  batch_sh = sharding.batch_sharding(mesh)
+  put = lambda b: data_lib.to_global_batch(b, batch_sh)
+  return evaluate_lib.evaluate(params, eval_batches(exp, tok, batch_sh), model=model, objective=exp.objective,
                                rng=jax.random.key(0), max_batches=max_batches, put_batch=put,
                                byte_vocab=exp.data.tokenizer.startswith("byte") and exp.image is None)
 
@@ -330,8 +369,8 @@ def main(argv) -> int:
   if parsed is None:  # --help
     return 0
   config, flag_values = parsed
-  experiment_lib.validate(config)  # bad values fail here, before jax.distributed or any data work
-  if os.environ.get("ARDIFF_DISTRIBUTED") == "1":  # set by launch/tpu_vm.sh on every host of a pod
-    jax.distributed.initialize()
-  train(config, progress=flag_values["progress"] and jax.process_index() == 0)
+  experiment_lib.validate(config)  # bad values fail here, before any data work
+  # jax.distributed was started by ardiff.cli when a launcher asked for it (ardiff.distributed); only process 0
+  # shows progress
+  train(config, progress=flag_values["progress"] and distributed.is_main())
   return 0
