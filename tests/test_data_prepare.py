@@ -130,6 +130,7 @@ def test_bad_records_are_counted_or_strict_errors(tmp_path, capsys):
   lines = [b'{"text": "good one"}', b'{"text": ', b'{"other": "x"}', b'{"text": "   "}', b'{"text": 7}',
            b'{"text": "bad \xff byte"}', b"", b'{"text": "good two"}']
   (root / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  (root / "c.jsonl").write_bytes(b'{"text": "last"}\n')
   good = gzip.compress(b"".join(b'{"text": "before the damage %d"}\n' % i for i in range(3000)))
   (root / "b.jsonl.gz").write_bytes(good[:-12])  # truncated gzip: the records before the cut survive
   out = tmp_path / "out"
@@ -138,7 +139,8 @@ def test_bad_records_are_counted_or_strict_errors(tmp_path, capsys):
   assert s["bad_records"] == {"invalid_json": 1, "missing_field": 1, "empty": 1, "not_text": 1, "invalid_utf8": 1,
                               "corrupt_file": 1}
   assert s["first_bad"][0] == f"{root / 'a.jsonl'}:2: invalid_json (Expecting value)"
-  assert _read(out, "train")[:2] == ["good one", "good two"] and s["documents"]["train"] >= 2 + 1000
+  train = _read(out, "train")
+  assert train[:2] == ["good one", "good two"] and len(train) >= 3 + 1000 and train[-1] == "last"  # goes on after
   assert "bad records skipped: 6" in capsys.readouterr().out
   rc = cli.main(["ardiff", "data", "prepare", "--input", str(root / "a.jsonl"), "--format", "jsonl", "--out",
                  str(tmp_path / "strict"), "--strict", "--no_progress"])
@@ -154,6 +156,25 @@ def test_empty_and_missing_inputs_are_clear_errors(tmp_path, capsys):
   (tmp_path / "e2.txt").write_bytes(b"  \n\n")
   with pytest.raises(ValueError, match=r"no usable document in 2 records .*empty: 2"):
     prep.prepare(prep.PrepareOptions(str(tmp_path / "e*.txt"), "txt", str(tmp_path / "o")), progress=False)
+  (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+  pq.write_table(pa.table({"body": ["ok"]}), tmp_path / "p.parquet")
+  s = prep.prepare(prep.PrepareOptions(f"{tmp_path}/bad.parquet,{tmp_path}/p.parquet", "parquet", str(tmp_path / "p"),
+                                       field="body", split=("validation", 0.0)), progress=False)
+  assert s["bad_records"] == {"corrupt_file": 1} and s["documents"]["train"] == 1
+  with pytest.raises(ValueError, match="no column 'text'"):
+    prep.prepare(prep.PrepareOptions(str(tmp_path / "p.parquet"), "parquet", str(tmp_path / "q")), progress=False)
+  with pytest.raises(ValueError, match="--split val-1=0.1"):
+    prep.PrepareOptions("x", "txt", "o", split=("val-1", 0.1))
+
+
+def test_hf_dataset_dict_reads_every_split_in_order(tmp_path):
+  docs = _docs(30)
+  for name, part in (("train", docs[:20]), ("test", docs[20:])):
+    _write_inputs(tmp_path / "dd" / name, "hf_disk", part)
+  (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+  prep.prepare(prep.PrepareOptions(str(tmp_path / "dd"), "hf_disk", str(tmp_path / "o"), field="body",
+                                   split=("validation", 0.0)), progress=False)
+  assert _read(tmp_path / "o", "train") == docs
 
 
 def test_interrupted_prepare_resumes_to_the_same_dataset(tmp_path, monkeypatch, capsys):
@@ -229,6 +250,11 @@ def test_folder_of_text_to_bpe_training_through_the_cli(tmp_path, capsys):
   assert cli.main(["ardiff", "data", "tokenizer", "--input", data, "--vocab", "320", "--kind", "bpe", "--out", tok,
                    "--no_progress"]) == 0
   vocab = json.loads(capsys.readouterr().out.split("--config.model.vocab_size=")[1].split()[0])
+  from ardiff.data import tokenizer_train
+  sample = tokenizer_train.sample_texts(data, max_bytes=300, seed=1)  # the size limit: stop once it is reached
+  assert sum(len(t.encode()) for t in sample[:-1]) < 300 <= sum(len(t.encode()) for t in sample) and len(sample) < 48
+  assert sample == tokenizer_train.sample_texts(data, max_bytes=300, seed=1) != tokenizer_train.sample_texts(
+      data, max_bytes=300, seed=2)
   flags = [f"--config.data.name={data}", f"--config.data.tokenizer=hf:{tok}", "--config.data.seq_len=32",
            "--config.objective.block_size=8", f"--config.model.vocab_size={vocab}"]
   assert cli.main(["ardiff", "data", "show", *flags, "--config.model.mask_token_id=3", "--n", "4"]) == 0

@@ -62,9 +62,9 @@ class PrepareOptions:
     if self.txt_unit not in formats.TXT_UNITS:
       raise ValueError(f"--txt_unit={self.txt_unit!r}: use one of {', '.join(formats.TXT_UNITS)}.")
     name, frac = self.split
-    if not (isinstance(frac, float) and 0.0 <= frac < 1.0) or name in ("", "train"):
-      raise ValueError(f"--split {name}={frac}: give NAME=FRACTION with a name other than 'train' and a fraction "
-                       "in [0, 1), e.g. --split validation=0.01.")
+    if not (isinstance(frac, float) and 0.0 <= frac < 1.0) or name == "train" or not name.isidentifier():
+      raise ValueError(f"--split {name}={frac}: give NAME=FRACTION with a name of letters, digits and _ other than "
+                       "'train' and a fraction in [0, 1), e.g. --split validation=0.01.")
     if self.unit_docs < 1 or self.unit_bytes < 1:
       raise ValueError(f"unit_docs={self.unit_docs} and unit_bytes={self.unit_bytes} must be >= 1.")
 
