@@ -122,6 +122,10 @@ def test_split_is_seeded_and_records_match_tfds(tmp_path):
   features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
   assert prep.serialize("é".encode()) == features.serialize_example({"text": "é"})
   assert b["fingerprint"]["seed"] == 2
+  c = prep.prepare(prep.PrepareOptions(str(tmp_path / "a"), "array_record", str(tmp_path / "c"),
+                                       split=("validation", 0.0)), progress=False)  # a prepared dataset as input
+  assert _read(tmp_path / "c", "train") == _read(tmp_path / "a", "heldout") + _read(tmp_path / "a", "train")  # names
+  assert not c["bad_records"]
 
 
 def test_bad_records_are_counted_or_strict_errors(tmp_path, capsys):

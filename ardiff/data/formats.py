@@ -33,6 +33,7 @@ __all__ = ["FORMATS", "Record", "expand_inputs", "open_bytes", "read_records", "
 
 FORMATS = ("txt", "jsonl", "parquet", "hf_disk", "array_record")
 TXT_UNITS = ("file", "paragraph", "line")
+_DIR_MARKERS = {"parquet": ".parquet", "array_record": ".array_record"}  # what a directory input keeps
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -53,7 +54,8 @@ def expand_inputs(pattern: str, fmt: str) -> list[epath.Path]:
   """The sorted files (or, for ``hf_disk``, dataset directories) that ``pattern`` names.
 
   ``pattern`` is one or more comma-separated globs or paths, local or URLs (``gs://bucket/dir/*.jsonl.gz``); a
-  directory stands for every file below it (``hf_disk``: the directory itself). Sorted, so the order (and hence
+  directory stands for every file below it (parquet: every ``*.parquet``, array_record: every ``*.array_record*``
+  file, e.g. a prepared TFDS directory; ``hf_disk``: the directory itself). Sorted, so the order (and hence
   the prepared dataset) does not depend on the file system's listing order.
   """
   out: list[epath.Path] = []
@@ -65,7 +67,8 @@ def expand_inputs(pattern: str, fmt: str) -> list[epath.Path]:
       if fmt == "hf_disk":
         out.append(m)
       elif m.is_dir():
-        out.extend(sorted(_files_below(m), key=str))
+        marker = _DIR_MARKERS.get(fmt, "")  # a TFDS or Parquet directory also holds json metadata: skip it
+        out.extend(sorted((f for f in _files_below(m) if marker in f.name), key=str))
       else:
         out.append(m)
   seen, unique = set(), []
