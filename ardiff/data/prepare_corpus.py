@@ -215,6 +215,7 @@ def _stream(opts: PrepareOptions, inputs, units: _Units, state: dict, frac: floa
   unit_text = 0
   t0, text_bytes, recs = time.perf_counter(), 0, 0
   bar = tqdm(unit=" rec", disable=not show, dynamic_ncols=True, smoothing=0.1, initial=state["records"])
+  t_unit = [time.perf_counter()]  # when the open unit started (its seconds go into the state with it)
 
   def checkpoint(file_index, file_records):
     nonlocal unit, counts, unit_text
@@ -228,7 +229,6 @@ def _stream(opts: PrepareOptions, inputs, units: _Units, state: dict, frac: floa
     unit, counts, unit_text = unit + 1, {s: [0, 0] for s in units.splits}, 0
     t_unit[0] = time.perf_counter()
 
-  t_unit = [time.perf_counter()]
   try:
     for fi in range(state["file_index"], len(inputs)):
       path = inputs[fi]
@@ -265,6 +265,7 @@ def _stream(opts: PrepareOptions, inputs, units: _Units, state: dict, frac: floa
           bar.set_postfix_str(f"{text_bytes / dt / 1e6:.1f} MB/s, file {fi + 1}/{len(inputs)}", refresh=False)
       if units.writers or fi == len(inputs) - 1:
         checkpoint(fi + 1, 0)
+    bar.update(recs % 256)
   finally:
     units.close()
     bar.close()
