@@ -30,6 +30,7 @@ from ardiff import attention as attention_lib
 from ardiff import masks as masks_lib
 from ardiff.rope import apply_rope  # noqa: F401  (its home is ardiff.rope; model.apply_rope kept for callers)
 from ardiff.config import ModelConfig
+from kernels_pallas import block_sparse_attention as block_sparse_lib
 
 
 @flax.struct.dataclass
@@ -182,10 +183,15 @@ class DecoderLayer(nn.Module):
     return h, new_kv
 
 
+# The dots policies also save the Pallas attention forward's output and logsumexp (by checkpoint name): the kernel
+# is not a dot, so without them the backward pass would run the attention forward a second time per layer.
+_SAVE_ATTENTION = jax.checkpoint_policies.save_only_these_names(*block_sparse_lib.RESIDUAL_NAMES)
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots,
+                                                            _SAVE_ATTENTION),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _SAVE_ATTENTION),
 }
 
 

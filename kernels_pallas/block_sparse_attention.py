@@ -44,6 +44,7 @@ import functools
 from typing import Optional
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 
@@ -141,8 +142,16 @@ def _bsa(cfg, q, k, v, qseg, kseg):
   return _fwd_impl(cfg, q, k, v, qseg, kseg)[0]
 
 
+# Checkpoint names of the forward's residuals (output and logsumexp). A remat policy that saves them
+# (``jax.checkpoint_policies.save_only_these_names(*RESIDUAL_NAMES)``, as the model's dots policies do) keeps the
+# backward from running the forward kernel a second time per layer.
+RESIDUAL_NAMES = ("block_sparse_attention_out", "block_sparse_attention_lse")
+
+
 def _bsa_fwd(cfg, q, k, v, qseg, kseg):
   o, lse, _ = _fwd_impl(cfg, q, k, v, qseg, kseg)
+  o = jax.ad_checkpoint.checkpoint_name(o, RESIDUAL_NAMES[0])
+  lse = jax.ad_checkpoint.checkpoint_name(lse, RESIDUAL_NAMES[1])
   return o, (q, k, v, qseg, kseg, o, lse)
 
 

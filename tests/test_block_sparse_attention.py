@@ -315,3 +315,17 @@ def test_gpu_triton_lowering_forward_and_backward(segmented):
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   for name in ("block_sparse_attention_fwd_gpu", "block_sparse_attention_dq_gpu", "block_sparse_attention_dkv_gpu"):
     assert name in text
+
+
+def test_remat_policy_saves_forward_output_and_logsumexp(capsys):
+  """Under the model's ``dots_no_batch`` remat the kernel's output and logsumexp are saved residuals (by checkpoint
+  name), so the backward does not run the forward kernel again; the plain policy saves only q, k, v."""
+  from ardiff import model
+  q = jnp.ones((1, 128, 2, 64), jnp.float32)
+  f = lambda q, k, v: block_sparse_attention(q, k, v, mask=masks.Causal(), backend="tpu").sum()
+  jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(f, policy=model._REMAT_POLICIES["dots_no_batch"]), q, q, q)
+  saved = capsys.readouterr().out
+  assert "named 'block_sparse_attention_out'" in saved and "named 'block_sparse_attention_lse'" in saved, saved
+  jax.ad_checkpoint.print_saved_residuals(
+      jax.checkpoint(f, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable), q, q, q)
+  assert "block_sparse_attention_out" not in capsys.readouterr().out
