@@ -71,10 +71,6 @@ def parse_args(argv):
   img.add_argument("--cfg_scale", type=float, default=None,
                    help="continuous image runs: guidance scale (default: the run's image.cfg_scale; 1 = none)")
   img.add_argument("--out", default=None, help="image runs: the PNG to write (default: RUN/samples.png)")
-  img = p.add_argument_group("images (runs with an image section write a PNG grid; --num_samples is per class)")
-  img.add_argument("--cfg_scale", type=float, default=None,
-                   help="continuous image runs: guidance scale (default: the run's image.cfg_scale; 1 = none)")
-  img.add_argument("--out", default=None, help="image runs: the PNG to write (default: RUN/samples.png)")
   spec = p.add_argument_group("speculative decoding")
   spec.add_argument("--draft_checkpoint", default=None,
                     help="the drafter (same tokenizer): a small AR run (speculative) or a block-diffusion run "
@@ -143,9 +139,6 @@ def main(argv) -> int:
   args = parse_args(argv)
   if args.num_samples < 1:
     raise UsageError(f"--num_samples={args.num_samples} must be >= 1.")
-  from ardiff.images import main as images_main
-  if images_main.is_image_run(args.run_dir):  # image runs: a PNG grid (ardiff/images/main.py)
-    return images_main.sample(args)
   from ardiff.images import main as images_main
   if images_main.is_image_run(args.run_dir):  # image runs: a PNG grid (ardiff/images/main.py)
     return images_main.sample(args)
