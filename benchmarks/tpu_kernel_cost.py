@@ -147,9 +147,10 @@ def parse_bundles(path: str) -> dict:
   lines = _lines(path)
   loop_start = next(i for i, (_, l) in enumerate(lines) if " LB:" in l[:16])
   region = re.search(r"Start region (\d+)", lines[loop_start][1]).group(1)
-  loop_end = next(i for i in range(loop_start, len(lines)) if f"End region {region} " in lines[i][1] + " ")
+  # The loop ends at its back branch (the last region markers close a few bundles earlier).
+  loop_end = next(i for i in range(loop_start, len(lines)) if f"target = $region{region} " in lines[i][1] + " ")
   trip = None
-  for _, l in lines[loop_start:loop_end + 16]:  # the exit test follows the body's last region marker
+  for _, l in lines[loop_start:loop_end + 1]:
     if "loop exit test" in l and trip is None:
       trip = int(re.search(r", (\d+) /\* loop exit test", l).group(1))
   bodies = []  # (start, end) line indices of every guarded body inside the loop
