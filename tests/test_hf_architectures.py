@@ -14,6 +14,8 @@ from ardiff.export import hf as hf_lib
 from ardiff.model import Transformer
 from tests.hf_testing import hf_logits, load_hf, random_hf_model
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-dominated, see conftest.py
+
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8}
 CASES = {

@@ -1,6 +1,8 @@
 """Checkpoint interchange: Hugging Face import/export (:mod:`.hf_import`, :mod:`.hf_export`; :mod:`.hf` re-exports
-both), portable params directories (:mod:`.params`), AR -> block-diffusion conversion (:mod:`.convert`), the
-``ardiff export`` command (:mod:`.main`) and StableHLO serving export (:mod:`.stablehlo`).
+both), portable params directories (:mod:`.params`), AR -> block-diffusion conversion and the diffusion-LM families
+(:mod:`.convert`: ``import_family``; :mod:`.families`), the offline HF-cache resolver (:mod:`.hf_cache`), the
+``ardiff export`` command (:mod:`.main`), StableHLO serving export (:mod:`.stablehlo`) and the sampler-step
+compile of an imported checkpoint (:mod:`.hf_compile`).
 
 Submodules are imported on use (``from ardiff.export import convert``); none of them imports torch.
 """

@@ -1,8 +1,11 @@
 """AR -> block-diffusion conversion: a trained AR model becomes an ardiff run directory ready to fine-tune.
 
 ``python -m ardiff convert --from-hf DIR --to block_diffusion --block-size B --out RUN_DIR`` imports a Hugging Face
-Llama/Qwen2 directory (:func:`convert_hf_to_block_diffusion`); ``--from-run RUN_DIR`` takes an ardiff run (or params)
-directory instead (:func:`convert_run_to_block_diffusion`). Either way ``RUN_DIR`` holds
+Llama/Qwen2/Qwen3 directory (:func:`convert_hf_to_block_diffusion`); ``--from-run RUN_DIR`` takes an ardiff run (or
+params) directory instead (:func:`convert_run_to_block_diffusion`). A published diffusion LM (SDAR, Fast-dLLM v2,
+Dream, LLaDA: :mod:`ardiff.export.families`) imports as its own family, no ``--block-size`` needed
+(:func:`import_family`), and ``DIR`` may be an ``ORG/NAME`` of the local Hugging Face cache
+(:mod:`ardiff.export.hf_cache`). Either way ``RUN_DIR`` holds
 
 * ``checkpoints/0``: the parameters as a step-0 train-state checkpoint (``{"params": ...}``, no optimizer state),
 * ``config.json``: a validated block-diffusion experiment (model with its [MASK] id, objective with block size B,
