@@ -207,3 +207,17 @@ def test_compile_from_hf_builds_the_imported_run_config(checkpoints, capsys):
   exp = experiment.validate(hf_compile.experiment_for_hf(checkpoints["fast_dllm_v2"][0], seq_len=64))
   assert (exp.objective.block_size, exp.objective.token_shift, exp.model.mask_token_id) == (4, True, 3)
   assert exp.model.param_dtype == "bfloat16" and exp.mesh.fsdp == -1
+
+
+def test_family_run_exports_to_its_base_architecture(checkpoints, runs, tmp_path):
+  """``ardiff export --to hf`` of an imported SDAR run: a Qwen3 directory with the family's decoding and chat
+  template, whose logits equal the original checkpoint's."""
+  from tests.hf_testing import load_hf
+  out = str(tmp_path / "hf")
+  assert cli.main(["ardiff", "export", "--run_dir", runs["sdar"], "--to", "hf", "--out", out]) == 0
+  config = json.load(open(os.path.join(out, "config.json")))
+  assert config["architectures"] == ["Qwen3ForCausalLM"] and config["ardiff"]["decoding"]["strategy"] == "dynamic"
+  assert os.path.isfile(os.path.join(out, "tokenizer_config.json"))
+  tokens = np.random.default_rng(3).integers(4, 97, size=(1, 12))
+  np.testing.assert_allclose(hf_logits(load_hf(out), tokens), hf_logits(checkpoints["sdar"][1], tokens), atol=1e-4,
+                             rtol=0)

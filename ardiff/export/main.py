@@ -16,6 +16,7 @@ writes nothing when it fails (:mod:`ardiff.checkpoints.staging`).
 from __future__ import annotations
 
 import argparse
+import os
 
 from ardiff.checkpoints import staging as io_lib
 
@@ -63,7 +64,16 @@ def export_run_to_hf(run_dir, out_dir, *, use_ema: bool = False, overwrite: bool
   files = []
   if tok_file is not None:
     files.append((tok_file, HF_TOKENIZER_NAMES[exp.data.tokenizer.strip().partition(":")[0].lower()]))
-  return hf_lib.export_hf(params, exp.model, out_dir, tokenizer_files=files, extra_config=hf_extra_config(exp),
+  extra = hf_extra_config(exp)
+  run = io_lib.clean_path(run_dir)
+  from ardiff.sampling import family_defaults  # an imported family keeps its decoding (and its chat template)
+  decoding = family_defaults.read_decoding(run)
+  if decoding:
+    extra["ardiff"]["decoding"] = decoding
+  chat = os.path.join(run, "tokenizer_config.json")
+  if "://" not in run and os.path.isfile(chat):
+    files.append(chat)
+  return hf_lib.export_hf(params, exp.model, out_dir, tokenizer_files=files, extra_config=extra,
                           max_position_embeddings=max(4096, exp.data.seq_len), overwrite=overwrite)
 
 
