@@ -17,6 +17,7 @@ order. With one process each is a plain local computation.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Sequence
 
@@ -71,6 +72,44 @@ def is_main() -> bool:
   """Whether this is process 0, the one that prints and writes the run directory's logs."""
   import jax
   return jax.process_index() == 0
+
+
+_BARRIERS = itertools.count()
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+  """Waits until every process got here (the coordination service's barrier: no device collective, so no gloo
+  set-up timeout). ``name`` must be new for each use. No-op with one process."""
+  import jax
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed
+  jax_distributed.global_state.client.wait_at_barrier(f"ardiff/{name}", timeout_s * 1000)
+
+
+def aligned(jitted, name: str):
+  """``jitted`` (a ``jax.jit`` function) whose first call per argument signature compiles ahead of time, then waits
+  at a :func:`barrier`, then runs.
+
+  Why: the first collective between processes sets up its gloo context and waits only ~30 s for the others (not
+  configurable); a compile that takes one process minutes longer than another (a loaded machine, a compile-cache
+  hit on one host only) would fail there. After the barrier the processes enter the computation together.
+  With one process it is ``jitted`` itself.
+  """
+  import jax
+  if jax.process_count() == 1:
+    return jitted
+  compiled = {}
+
+  def call(*args):
+    key = (jax.tree.structure(args),
+           tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in jax.tree.leaves(args)))
+    if key not in compiled:
+      compiled[key] = jitted.lower(*args).compile()
+      barrier(f"{name}/{next(_BARRIERS)}")  # a new id each time; every process counts the same calls
+    return compiled[key](*args)
+
+  return call
 
 
 def _gather(x: np.ndarray) -> np.ndarray:

@@ -122,10 +122,11 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
   clip = clip_search_lib.initial_clip(exp.objective)  # None unless objective.clip_search moves the interval
   state, state_sh, abstract_state = create_state(model, tx, mesh, exp.rules, seed=tcfg.seed,
                                                  ema=ema_decay > 0, clip=clip)
-  step_fn = sharding.under_mesh(train_state_lib.jit_train_step(
+  # aligned: processes enter the first step together however long each one's compile took (distributed.aligned)
+  step_fn = sharding.under_mesh(distributed.aligned(train_state_lib.jit_train_step(
       train_state_lib.make_train_step(loss_fn, tx, ema_decay=ema_decay if ema_decay > 0 else None,
                                       lr_schedule=lr_schedule, grad_accum_steps=accum), state_sh, batch_sh),
-      mesh, exp.rules)
+                                                    "train_step"), mesh, exp.rules)
 
   ckpt = checkpoint_lib.Checkpointer(run_dir / run_dir_lib.CHECKPOINTS, max_to_keep=tcfg.keep_checkpoints,
                                      save_every=tcfg.save_every * accum)
@@ -170,7 +171,8 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
   bar = _progress(start_step, total_steps, enabled=progress and main_process)
   note = bar.write if main_process else say  # below the progress bar
   cleanup.callback(bar.close)
-  eval_fn = sharding.under_mesh(evaluate_lib.make_jitted_eval(model, exp.objective), mesh, exp.rules)
+  eval_fn = sharding.under_mesh(distributed.aligned(evaluate_lib.make_jitted_eval(model, exp.objective), "eval"),
+                                mesh, exp.rules)
   clip_every = clip_search_lib.search_every(exp.objective, tcfg.eval_every)  # 0: no clipped-schedule search
   per_block_fn = (sharding.under_mesh(clip_search_lib.make_per_block_fn(model, exp.objective), mesh, exp.rules)
                   if clip_every else None)
