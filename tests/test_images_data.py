@@ -41,6 +41,14 @@ def test_fashion_missing_names_the_package(tmp_path):
     data_lib.load_images("fashion_mnist", "train", data_dir=str(tmp_path))
 
 
+def test_fashion_checksum_mismatch_is_a_clear_error(tmp_path):
+  import gzip
+  for name in data_lib.FASHION_SHA256:
+    (tmp_path / name).write_bytes(gzip.compress(b"\0" * 32))
+  with pytest.raises(ValueError, match="sha256 .*Fashion-MNIST as released"):
+    data_lib.load_images("fashion_mnist", "test", data_dir=str(tmp_path))
+
+
 def test_pipeline_is_deterministic_and_resumes():
   images, labels = data_lib.load_images("digits", "train")
   t = tokens_lib.DiscreteTransform(max_value=16, seq_len=72, levels=17, order="raster", patch_size=1)

@@ -10,7 +10,7 @@ text pipeline (``it.get_state()`` / orbax ``CheckpointSave``), so runs resume bi
   ``data/README.md``); rows 0..1499 are ``train``, 1500..1796 ``test``. Verified against its sha256 at every load.
 * ``fashion_mnist``: ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` under ``cfg.data_dir`` (default
   ``/usr/share/datasets/fashion-mnist``, Debian/Ubuntu ``apt-get install dataset-fashion-mnist``); 60k ``train``,
-  10k ``test``. The IDX headers are checked (magic number, counts, 28×28).
+  10k ``test``. Each file is checked against its sha256 (Debian's package = the upstream release) and its IDX header.
 """
 
 from __future__ import annotations
@@ -28,6 +28,13 @@ DIGITS_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa2
 DIGITS_TRAIN = 1500  # rows [0, 1500) train, [1500, 1797) test
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_INSTALL = "sudo apt-get install -y dataset-fashion-mnist"
+# sha256 of the files of Debian's dataset-fashion-mnist 0.0~git20200523.55506a9-1 (the upstream release files)
+FASHION_SHA256 = {
+    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+}
 DATASETS = {"digits": (8, 16), "fashion_mnist": (28, 255)}  # native side, maximum grey value
 SPLITS = ("train", "test")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -49,8 +56,14 @@ def _digits_table() -> np.ndarray:
 
 
 def _read_idx(path: str, magic: int, offset: int) -> np.ndarray:
-  with gzip.open(path, "rb") as f:
-    raw = f.read()
+  with open(path, "rb") as f:
+    packed = f.read()
+  want = FASHION_SHA256.get(os.path.basename(path))
+  digest = hashlib.sha256(packed).hexdigest()
+  if want is not None and digest != want:
+    raise ValueError(f"{path}: sha256 {digest} != {want} (Fashion-MNIST as released); the file is damaged or a "
+                     f"different version. Reinstall it ({FASHION_INSTALL.replace('install', 'install --reinstall')}).")
+  raw = gzip.decompress(packed)
   found = int.from_bytes(raw[:4], "big")
   if found != magic:
     raise ValueError(f"{path}: IDX magic number {found:#x} != {magic:#x}; not a Fashion-MNIST "
@@ -58,6 +71,7 @@ def _read_idx(path: str, magic: int, offset: int) -> np.ndarray:
   return np.frombuffer(raw, np.uint8, offset=offset)
 
 
+@functools.lru_cache(maxsize=2)
 def _fashion(split: str, root: str):
   prefix = "train" if split == "train" else "t10k"
   image_path = os.path.join(root, f"{prefix}-images-idx3-ubyte.gz")
