@@ -51,6 +51,7 @@ import numpy as np
 from ardiff import masks as masks_lib
 from kernels_pallas import common
 from kernels_pallas import reference as reference_lib
+from kernels_pallas import tile_table
 from kernels_pallas._block_sparse_common import DEFAULT_BLOCKS, _Config
 from kernels_pallas._block_sparse_gpu import _gpu_bwd, _gpu_fwd
 from kernels_pallas._block_sparse_tpu import _tpu_bwd, _tpu_fwd
@@ -84,9 +85,9 @@ def _use_table(backend: str, mask: masks_lib.Mask) -> bool:
 
 
 def _default_block(backend: str, length: int) -> int:
+  if backend == "tpu":
+    return tile_table.tpu_default_block(length)
   base = DEFAULT_BLOCKS[backend]
-  if backend == "tpu" and length < base:
-    return max(8, -(-length // 8) * 8)  # one tile over the whole (short) sequence
   if backend == "gpu" and length < base:
     return max(16, 1 << (length - 1).bit_length())
   return base
@@ -179,7 +180,8 @@ def block_sparse_attention(q, k, v, *, mask: masks_lib.Mask, q_segment_ids=None,
     mask: a static :class:`ardiff.masks.Mask` over absolute positions ``0..T-1`` × ``0..S-1``.
     q_segment_ids, kv_segment_ids: optional int ``[b, T]`` / ``[b, S]``; 0 is padding (packing).
     sm_scale: logit scale (default ``d ** -0.5``). logit_soft_cap: optional ``cap * tanh(logits / cap)``.
-    block_q, block_kv: tile sizes (default TPU 128, GPU 64; short sequences use one tile). Lengths need not divide.
+    block_q, block_kv: tile sizes (default TPU: :func:`kernels_pallas.tile_table.tpu_default_block`, 512 on long
+      sequences; GPU 64; short sequences use one tile). Lengths need not divide.
     backend: ``"tpu"`` (Mosaic), ``"gpu"`` (Triton) or None (``jax.default_backend()``).
     interpret: run the backend's kernel in the Pallas interpreter (TPU: ``pltpu.InterpretParams``).
     debug_counter: return ``(out, visits)`` with ``visits: int32[b, h, q_tiles]`` = kv tiles computed by the
@@ -238,8 +240,8 @@ def block_sparse_attention_reference(q, k, v, *, mask: masks_lib.Mask, q_segment
   if not debug_counter:
     return out
   b, t, h, _ = q.shape
-  bq = block_q or DEFAULT_BLOCKS["tpu"]
-  bk = block_kv or DEFAULT_BLOCKS["tpu"]
+  bq = block_q or _default_block("tpu", t)
+  bk = block_kv or _default_block("tpu", k.shape[1])
   classes = mask.block_classes(t, k.shape[1], block_q=bq, block_kv=bk)
   visits = np.broadcast_to((classes != masks_lib.EMPTY).sum(axis=1).astype(np.int32), (b, h, classes.shape[0]))
   return out, jnp.asarray(visits)

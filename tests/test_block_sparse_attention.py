@@ -329,3 +329,14 @@ def test_remat_policy_saves_forward_output_and_logsumexp(capsys):
   jax.ad_checkpoint.print_saved_residuals(
       jax.checkpoint(f, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable), q, q, q)
   assert "block_sparse_attention_out" not in capsys.readouterr().out
+
+
+def test_tpu_default_tiles():
+  """The model calls the kernels without tile sizes: long sequences get 512 tiles (1.9-3x cheaper per element than
+  128 in the compiler's bundle count), short ones a single tile; each choice passes the TPU tiling check."""
+  from kernels_pallas import tile_table
+  from kernels_pallas.block_sparse_attention import _check_block
+  assert [tile_table.tpu_default_block(n) for n in (5, 64, 128, 256, 1024, 4096, 4100)] == [8, 64, 128, 256, 512,
+                                                                                             512, 512]
+  for n in range(1, 2000, 37):
+    _check_block("tpu", "block_q", tile_table.tpu_default_block(n), n)
