@@ -11,6 +11,26 @@ def test_default_experiment_compiles_and_fits_on_v5e_2x2():
   r = aot.compile_train_step(default_config.get_config(), "v5e:2x2")
   assert r["chips"] == 4 and r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
   assert r["fits"] and 0 < r["per_chip_gib"] < 1
+  assert r["xla_cycles"] > 0  # the compiler's static estimate of the step's XLA fusions
+
+
+def test_xla_estimate_counts_while_bodies_times_their_trip_count():
+  hlo = """
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %f = f32[8]{0} fusion(%x), kind=kLoop, backend_config={"estimated_cycles":"100","x":"1"}
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %constant.1 = s32[]{:T(128)} constant(12)
+  ROOT %lt = pred[] compare(%i, %constant.1), direction=LT
+}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %g = f32[8]{0} fusion(%x), kind=kLoop, backend_config={"estimated_cycles":"7"}
+  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body
+}
+"""
+  assert aot.xla_estimated_cycles(hlo) == 7 + 12 * 100
 
 
 def test_one_billion_parameter_config_compiles_for_a_512_chip_pod():

@@ -91,6 +91,50 @@ def tpu_devices(topology: str):
                      f"{message}). Use a slice shape such as {EXAMPLE_TOPOLOGIES}.") from e
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{\s*$")
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_WHILE = re.compile(r" while\(.*condition=%([^,\s]+), body=%([^,\s]+)")
+_S32_CONSTANT = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
+
+
+def xla_estimated_cycles(hlo_text: str) -> int:
+  """Sum of the TPU compiler's ``estimated_cycles`` over the XLA fusions of a compiled module's text (per chip),
+  counting a ``while`` body (scanned layers, gradient accumulation) times its trip count. Mosaic kernels carry no
+  estimate and count 0 here (``benchmarks/tpu_kernel_cost.py`` measures them). The trip count is the largest s32
+  constant of the loop condition (the bound of a counted loop); a static proxy, not a time."""
+  comps, name = {}, None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      name = m.group(1)
+      comps[name] = []
+      if line.startswith("ENTRY"):
+        comps["__entry__"] = comps[name]
+    elif name is not None:
+      comps[name].append(line)
+
+  def trip(cond: str) -> int:
+    bounds = [int(c) for line in comps.get(cond, ()) for c in _S32_CONSTANT.findall(line)]
+    return max(bounds, default=1)
+
+  memo = {}
+
+  def total(comp: str) -> int:
+    if comp not in memo:
+      memo[comp] = 0  # a cycle in the call graph (none expected) counts once
+      cycles = 0
+      for line in comps.get(comp, ()):
+        w = _WHILE.search(line)
+        if w:
+          cycles += trip(w.group(1)) * total(w.group(2))
+        else:
+          cycles += sum(int(c) for c in _CYCLES.findall(line))
+      memo[comp] = cycles
+    return memo[comp]
+
+  return total("__entry__")
+
+
 def hbm_per_chip(topology: str) -> int:
   return HBM_BYTES[parse_topology(topology)[0]]
 
@@ -160,7 +204,7 @@ def _compile_train_step(config, topology: str) -> dict:
   result = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape),
             "params": model_cfg.num_params(), "arguments_gib": mem.argument_size_in_bytes / GIB,
             "temp_gib": mem.temp_size_in_bytes / GIB, "per_chip_gib": used / GIB, "hbm_gib": hbm / GIB,
-            "fits": used <= hbm, "notes": notes}
+            "fits": used <= hbm, "notes": notes, "xla_cycles": xla_estimated_cycles(compiled.as_text())}
   if used > hbm:
     raise DoesNotFitError(f"{exp.name} needs {used / GIB:.2f} GiB per chip on {topology} but a chip has "
                           f"{hbm / GIB:.0f} GiB HBM. Shard more (mesh.fsdp/tensor), lower train.batch_size, raise "
@@ -241,6 +285,9 @@ def main(argv) -> int:
   print(f"{r['topology']}: {r['chips']} chips, mesh {r['mesh']}, {r['params'] / 1e6:.1f}M params")
   print(f"per chip: {r['per_chip_gib']:.2f} GiB of {r['hbm_gib']:.0f} GiB HBM "
         f"(arguments {r['arguments_gib']:.2f} GiB, temporaries {r['temp_gib']:.2f} GiB) -> fits")
+  print(f"static estimate: {r['xla_cycles'] / 1e6:.1f} M cycles per chip in XLA fusions (the compiler's "
+        "estimated_cycles, while bodies x trip count; Pallas kernels not included: benchmarks/tpu_kernel_cost.py "
+        "counts their bundles)")
   for note in r["notes"]:
     print("note:", note)
   try:
