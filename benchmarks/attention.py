@@ -50,6 +50,24 @@ def _fwd_bwd(attn):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
+def _cudnn_attention(mask, length: int):
+  """``jax.nn.dot_product_attention(implementation="cudnn")`` with ``mask`` (causal as ``is_causal``, any other
+  as a dense boolean mask), or None when cuDNN does not take it (the table then shows n/a)."""
+  dense = None if isinstance(mask, masks.Causal) else jnp.asarray(mask.dense(length, length))[None, None]
+
+  def attn(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, mask=dense, is_causal=dense is None, implementation="cudnn")
+  return attn
+
+
+def _try_ms(fn, *args, iters: int):
+  try:
+    return _time_ms(fn, *args, iters=iters)
+  except Exception as e:  # noqa: BLE001 - an unsupported cuDNN configuration is a table entry, not a crash
+    print(f"  cuDNN: {type(e).__name__}: {' '.join(str(e).split())[:160]}", file=sys.stderr)
+    return None
+
+
 def _masks_for(length: int, bd3_block: int, block_causal: int):
   return [("bd3_2L", masks.BD3(length // 2, bd3_block)), ("block_causal", masks.BlockCausal(block_causal)),
           ("causal", masks.Causal())]
@@ -78,6 +96,10 @@ def block_sparse_table(args) -> list[dict]:
       row["dense_fwd_ms"] = _time_ms(jax.jit(dense), q, k, v, iters=args.iters)
       row["kernel_fwdbwd_ms"] = _time_ms(_fwd_bwd(kern), q, k, v, iters=args.iters)
       row["dense_fwdbwd_ms"] = _time_ms(_fwd_bwd(dense), q, k, v, iters=args.iters)
+      if platform == "gpu":  # cuDNN fused attention exists only on NVIDIA GPUs
+        cudnn = _cudnn_attention(mask, length)
+        row["cudnn_fwd_ms"] = _try_ms(jax.jit(cudnn), q, k, v, iters=args.iters)
+        row["cudnn_fwdbwd_ms"] = _try_ms(_fwd_bwd(cudnn), q, k, v, iters=args.iters)
       rows.append(row)
       print(f"  measured {name} L={length}", file=sys.stderr, flush=True)
   mode = (f"Pallas INTERPRETER on {platform} ({backend} kernel, interpret=True): kernel times are NOT "
@@ -98,6 +120,17 @@ def block_sparse_table(args) -> list[dict]:
           f"{r['kernel_fwdbwd_ms'] / r['dense_fwdbwd_ms']:>7.2f}")
   print("ratio = kernel / dense (lower is better); density = allowed fraction of the mask; tiles = fraction of "
         "(q, kv) tiles the kernel visits")
+  if platform == "gpu":
+    ms = lambda x: f"{x:8.2f}ms" if x is not None else f"{'n/a':>10}"  # noqa: E731
+    ratio = lambda a, b: f"{a / b:7.2f}" if b else f"{'n/a':>7}"  # noqa: E731
+    print(f"\nTriton kernel vs cuDNN (jax.nn.dot_product_attention(implementation='cudnn'), same masks)")
+    hdr = f"{'mask':<13}{'L':>6}{'cudnn fwd':>10}{'ratio':>7}{'cudnn f+b':>10}{'ratio':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+      print(f"{r['mask']:<13}{r['length']:>6}{ms(r['cudnn_fwd_ms'])}{ratio(r['kernel_fwd_ms'], r['cudnn_fwd_ms'])}"
+            f"{ms(r['cudnn_fwdbwd_ms'])}{ratio(r['kernel_fwdbwd_ms'], r['cudnn_fwdbwd_ms'])}")
+    print("ratio = Triton kernel / cuDNN (lower is better)")
   return rows
 
 

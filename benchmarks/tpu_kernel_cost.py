@@ -319,10 +319,10 @@ def main(argv=None) -> int:
   for c in cases:
     print(f"compiling {c}", file=sys.stderr, flush=True)
     results.append((c, _spawn(c, args.timeout)))
+    if args.json:  # after every case: a long sweep that is stopped keeps what it measured
+      with open(args.json, "w") as fh:
+        json.dump([{"case": dataclasses.asdict(c), "result": r} for c, r in results], fh, indent=1)
   _table(results)
-  if args.json:
-    with open(args.json, "w") as fh:
-      json.dump([{"case": dataclasses.asdict(c), "result": r} for c, r in results], fh, indent=1)
   return 0
 
 
