@@ -314,6 +314,11 @@ def write_samples(params, model, exp, tok, run_dir) -> str:
 
 def evaluate_run(run_dir, *, max_batches: Optional[int] = None, use_ema: bool = False) -> dict:
   """Evaluates the latest checkpoint of ``run_dir`` with the config saved beside it."""
+  image = read_config(run_dir)[0].get("image")
+  if image is not None and image.get("kind") == "continuous":  # ACDiT runs: the test split's flow loss
+    from ardiff.images import acdit_train
+    exp, model, params = acdit_train.load(run_dir)
+    return {"flow_loss": acdit_train.evaluate(params, model, exp, max_batches=max_batches or 10**9)}
   exp, model, params = load_run(run_dir, use_ema=use_ema)
   mesh = sharding.make_mesh(exp)
   tok = data_lib.make_tokenizer(exp.data.tokenizer)
