@@ -1,24 +1,28 @@
-"""Train-step throughput: AR vs BD3 (block diffusion) at a few model sizes, same batch and sequence length.
+"""Train-step throughput, side by side in one process: ardiff (JAX) vs a compact PyTorch twin of the same model.
 
-    python benchmarks/train_throughput.py                                  # CPU-sized defaults (~1-2 min, 2 cores)
-    python benchmarks/train_throughput.py --sizes small,base --seq_len 512 --batch 16 --steps 20 --peak_tflops 459
+    python benchmarks/train_throughput.py                       # issue shape + a larger one, 30 steps (median)
+    python benchmarks/train_throughput.py --shapes issue --steps 10 --no_torch
 
-Each row times one jitted ``value_and_grad(loss) + optax.adamw update`` step (donated params/opt state), after
-compilation and one warm-up step, as the median of ``--steps`` steps, and reports tokens/s counted on the *input*
-tokens (``batch * seq_len``), so AR and BD3 rows are directly comparable: ``BD3/AR cost`` is the step time of BD3
-divided by the AR step time at the same size (BD3 runs the transformer on ``[x_t, x_0]``, i.e. ``2 * seq_len``
-positions, so expect ~2x or more).
+Model (both sides): Llama-style decoder, RMSNorm, RoPE, SwiGLU, vocab 259 (bytes + BOS/EOS/MASK), float32.
+Shapes: ``issue`` = 4 layers, d = 128, 4 heads, MLP 344 (the parameter count of a d = 128 GELU-512 MLP), batch 16,
+seq 128 (BD3: 2L = 256 positions), block 4; ``larger`` = 6 layers, d = 256, 8 heads, MLP 688, batch 8, seq 256.
 
-MFU (model FLOPs utilisation) is printed when ``--peak_tflops`` is given (peak dense FLOP/s of one device, in
-TFLOP/s, for the compute dtype; e.g. TPU v5p bf16 459, H100 SXM bf16 989); it is ``n/a`` otherwise (and on CPU).
-Model FLOPs per step = ``6 * N_matmul * P + 12 * layers * heads * head_dim * P**2`` per sequence, times batch,
-where ``P`` is the number of positions the transformer sees (``seq_len`` for AR, ``2 * seq_len`` for BD3) and the
-attention term counts the full dense score matrix that the XLA path computes.
+Each step is forward + backward + AdamW. ardiff runs its real objectives (``make_loss_fn``) under one jit with
+donated state; the PyTorch twin (eager, ``F.scaled_dot_product_attention`` with a precomputed boolean BD3 mask, as
+the BD3-LM reference does on CPU, ``torch.optim.AdamW``) computes the same losses: AR next-token CE; BD3 with one
+t per block, [MASK] noise, logits on the noisy half only, 1/t weights. Torch's thread count is set to jax's CPU
+parallelism (the CPUs this process may run on); both sides are timed *interleaved* (one step of each in turn), so
+a shared machine's contention hits both equally; medians after compile and warm-up.
+
+The breakdown times each component alone (forward + backward, all layers): attention (q, k, v -> out), MLP,
+loss (final projection + log-softmax + NLL on the positions that carry loss), optimizer (one AdamW update).
+Torch is optional: without it its rows are skipped with a message.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -33,117 +37,182 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from ardiff import attention as attention_lib  # noqa: E402
+from ardiff import masks  # noqa: E402
 from ardiff.config import ModelConfig  # noqa: E402
-from ardiff.model import Transformer, init_params  # noqa: E402
-from ardiff.objectives import ObjectiveConfig, make_loss_fn  # noqa: E402
+from ardiff.model import Mlp, Transformer, init_params  # noqa: E402
+from ardiff.objectives import ObjectiveConfig, base, make_loss_fn  # noqa: E402
 
-VOCAB = 259  # byte tokenizer: 256 bytes, BOS, EOS, MASK
-MASK_ID = 258
+try:
+  import torch  # noqa: E402
+  import torch_twin  # noqa: E402  (benchmarks/torch_twin.py)
+except ImportError as e:  # torch is a dev-only dependency
+  torch, torch_twin, TORCH_MISSING = None, None, str(e)
 
-# name -> (embed_dim, num_layers, num_heads, head_dim, mlp_dim)
-SIZES = {
-    "tiny": (128, 4, 4, 32, 384),      # configs/default.py (~0.9M params)
-    "small": (256, 6, 8, 32, 768),
-    "medium": (384, 8, 12, 32, 1152),
-    "base": (768, 12, 12, 64, 2048),
-}
-
-OBJECTIVES = [
-    ("AR", ObjectiveConfig(kind="ar")),
-    ("BD3 b4", ObjectiveConfig(kind="block_diffusion", block_size=4)),
-    ("BD3 b16", ObjectiveConfig(kind="block_diffusion", block_size=16)),
-]
+VOCAB, MASK_ID, BLOCK = 259, 258, 4
 
 
-def model_config(size: str, dtype: str) -> ModelConfig:
-  d, layers, heads, hd, mlp = SIZES[size]
-  return ModelConfig(vocab_size=VOCAB, embed_dim=d, num_layers=layers, num_heads=heads, num_kv_heads=heads,
-                     head_dim=hd, mlp_dim=mlp, mask_token_id=MASK_ID, dtype=dtype)
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  layers: int
+  d: int
+  heads: int
+  mlp: int
+  batch: int
+  seq: int
 
 
-def model_flops_per_step(cfg: ModelConfig, batch: int, positions: int) -> float:
-  embed_lookup = cfg.vocab_size * cfg.embed_dim  # a gather, not a matmul
-  n_matmul = cfg.num_params() - embed_lookup
-  attn = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * positions ** 2
-  return batch * (6 * n_matmul * positions + attn)
+SHAPES = {"issue": Shape(4, 128, 4, 344, 16, 128), "larger": Shape(6, 256, 8, 688, 8, 256)}
 
 
-def time_train_step(cfg: ModelConfig, obj: ObjectiveConfig, *, batch: int, seq_len: int, steps: int,
-                    seed: int = 0) -> float:
-  """Median seconds per train step (compile and one warm-up step excluded)."""
-  model = Transformer(cfg)
-  params = init_params(cfg, jax.random.PRNGKey(seed))
+def model_config(s: Shape) -> ModelConfig:
+  return ModelConfig(vocab_size=VOCAB, embed_dim=s.d, num_layers=s.layers, num_heads=s.heads, num_kv_heads=s.heads,
+                     head_dim=s.d // s.heads, mlp_dim=s.mlp, mask_token_id=MASK_ID)
+
+
+def _timer(fn):
+  """``fn() -> array``; returns a callable that runs it once and returns the seconds it took."""
+  def run():
+    t0 = time.perf_counter()
+    out = fn()
+    if out is not None:
+      jax.block_until_ready(out)
+    return time.perf_counter() - t0
+  return run
+
+
+def jax_step(s: Shape, kind: str):
+  cfg = model_config(s)
+  obj = ObjectiveConfig(kind="ar") if kind == "AR" else ObjectiveConfig(kind="block_diffusion", block_size=BLOCK)
+  params = init_params(cfg, jax.random.PRNGKey(0))
   tx = optax.adamw(1e-3, weight_decay=0.01)
-  opt_state = tx.init(params)
-  loss_fn = make_loss_fn(model, obj)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(make_loss_fn(Transformer(cfg), obj), has_aux=True)
 
-  def step(params, opt_state, batch_, rng):
-    (loss, _), grads = grad_fn(params, batch_, rng)
+  def step(params, opt_state, batch, rng):
+    (loss, _), grads = grad_fn(params, batch, rng)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   step = jax.jit(step, donate_argnums=(0, 1))
-  tokens = np.random.default_rng(seed).integers(0, 256, size=(batch, seq_len), dtype=np.int32)
-  batch_ = {"tokens": jnp.asarray(tokens)}
-  rng = jax.random.PRNGKey(seed + 1)
-  params, opt_state, loss = step(params, opt_state, batch_, rng)  # compile
-  jax.block_until_ready(loss)
-  params, opt_state, loss = step(params, opt_state, batch_, rng)  # warm-up
-  jax.block_until_ready(loss)
-  times = []
-  for i in range(steps):
-    rng_i = jax.random.fold_in(rng, i)
-    t0 = time.perf_counter()
-    params, opt_state, loss = step(params, opt_state, batch_, rng_i)
-    jax.block_until_ready(loss)
-    times.append(time.perf_counter() - t0)
-  if not np.isfinite(float(loss)):
-    raise FloatingPointError(f"non-finite loss {float(loss)} for {obj.kind} at {cfg}")
-  return statistics.median(times)
+  batch = {"tokens": jnp.asarray(np.random.default_rng(0).integers(0, 256, (s.batch, s.seq), dtype=np.int32))}
+  state = {"p": params, "o": tx.init(params), "i": 0}
+
+  def run():
+    state["i"] += 1
+    state["p"], state["o"], loss = step(state["p"], state["o"], batch, jax.random.PRNGKey(state["i"]))
+    return loss
+  return run
+
+
+def jax_components(s: Shape, kind: str) -> dict:
+  """name -> zero-arg callable running that component's forward + backward (all layers)."""
+  cfg = model_config(s)
+  positions = s.seq if kind == "AR" else 2 * s.seq
+  mask = masks.Causal() if kind == "AR" else masks.BD3(s.seq, BLOCK)
+  hd = s.d // s.heads
+  rng = np.random.default_rng(0)
+  arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  q, k, v = (arr(s.batch, positions, s.heads, hd) for _ in range(3))
+  seg = jnp.ones((s.batch, positions), jnp.int32)
+  attn = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention_lib.attention(
+      q, k, v, mask=mask, impl="xla", q_segment_ids=seg, kv_segment_ids=seg) ** 2), (0, 1, 2)))
+  mlp_mod = Mlp(cfg)
+  x = arr(s.batch, positions, s.d)
+  mlp_params = mlp_mod.init(jax.random.PRNGKey(0), x)
+  mlp = jax.jit(jax.grad(lambda p, x: jnp.sum(mlp_mod.apply(p, x) ** 2), (0, 1)))
+  h = arr(s.batch, s.seq, s.d)
+  w = arr(s.d, VOCAB) * 0.02
+  targets = jnp.asarray(rng.integers(0, 256, (s.batch, s.seq)), jnp.int32)
+  loss = jax.jit(jax.grad(lambda w, h: jnp.sum(base.gather_nll(base.log_probs(h @ w, MASK_ID), targets)), (0, 1)))
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  tx = optax.adamw(1e-3, weight_decay=0.01)
+  grads = jax.tree.map(jnp.ones_like, params)
+  opt = jax.jit(lambda g, o, p: tx.update(g, o, p))
+  opt_state = tx.init(params)
+  n = s.layers
+  return {"attention": lambda: [attn(q, k, v) for _ in range(n)][-1],
+          "MLP": lambda: [mlp(mlp_params, x) for _ in range(n)][-1],
+          "loss": lambda: loss(w, h), "optimizer": lambda: opt(grads, opt_state, params)}
+
+
+def median_times(runners: dict, steps: int, warmup: int = 2) -> dict:
+  """Interleaved: every runner once per round, ``warmup`` untimed rounds first."""
+  timers = {k: _timer(f) for k, f in runners.items()}
+  for _ in range(warmup):
+    for t in timers.values():
+      t()
+  times = {k: [] for k in timers}
+  for _ in range(steps):
+    for k, t in timers.items():
+      times[k].append(t())
+  return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--sizes", default="tiny,small", help=f"comma-separated, from {','.join(SIZES)}")
-  p.add_argument("--seq_len", type=int, default=128)
-  p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--steps", type=int, default=3, help="timed steps per row (median reported)")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
-  p.add_argument("--peak_tflops", type=float, default=None,
-                 help="peak dense TFLOP/s of one device for --dtype; enables the MFU column")
+  p.add_argument("--shapes", default="issue,larger", help=f"comma-separated, from {','.join(SHAPES)}")
+  p.add_argument("--steps", type=int, default=30, help="timed steps per row (median reported)")
+  p.add_argument("--no_torch", action="store_true", help="ardiff rows only")
+  p.add_argument("--no_breakdown", action="store_true", help="skip the per-component breakdown")
   args = p.parse_args(argv)
-
-  sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-  for s in sizes:
-    if s not in SIZES:
-      p.error(f"unknown size {s!r}; choose from {', '.join(SIZES)}")
-  for _, obj in OBJECTIVES:
-    obj.check_seq_len(args.seq_len)
-
+  shapes = [x.strip() for x in args.shapes.split(",") if x.strip()]
+  for x in shapes:
+    if x not in SHAPES:
+      p.error(f"unknown shape {x!r}; choose from {', '.join(SHAPES)}")
+  use_torch = torch is not None and not args.no_torch
   dev = jax.devices()[0]
-  peak = args.peak_tflops * 1e12 if args.peak_tflops else None
-  if dev.platform == "cpu" and peak is not None:
-    print("note: --peak_tflops ignored on CPU (MFU n/a)")
-    peak = None
-  print(f"device: {dev.platform} ({dev.device_kind}), 1 device used; batch={args.batch} seq_len={args.seq_len} "
-        f"dtype={args.dtype} steps={args.steps} (median)")
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  print(f"device: {dev.platform} ({dev.device_kind}); {threads} CPU threads available; steps={args.steps} (median, "
+        f"interleaved)")
+  if use_torch:
+    torch.set_num_threads(threads)
+    print(f"torch {torch.__version__}: torch.set_num_threads({threads}) (= the CPUs jax's CPU client may use)")
+  elif torch is None:
+    print(f"torch not installed ({TORCH_MISSING}): PyTorch rows skipped (pip install -r requirements-dev.txt)")
 
-  header = f"{'size':<8} {'params':>8} {'objective':<9} {'ms/step':>9} {'tokens/s':>10} {'BD3/AR cost':>11} {'MFU':>7}"
-  print(header)
-  print("-" * len(header))
-  for size in sizes:
-    cfg = model_config(size, args.dtype)
-    ar_time = None
-    for name, obj in OBJECTIVES:
-      t = time_train_step(cfg, obj, batch=args.batch, seq_len=args.seq_len, steps=args.steps)
-      positions = args.seq_len if obj.kind == "ar" else 2 * args.seq_len
-      if obj.kind == "ar":
-        ar_time = t
-      ratio = "1.00x" if obj.kind == "ar" else f"{t / ar_time:.2f}x"
-      mfu = "n/a" if peak is None else f"{model_flops_per_step(cfg, args.batch, positions) / t / peak:.1%}"
-      print(f"{size:<8} {cfg.num_params() / 1e6:>7.2f}M {name:<9} {t * 1e3:>9.1f} "
-            f"{args.batch * args.seq_len / t:>10.0f} {ratio:>11} {mfu:>7}", flush=True)
+  for name in shapes:
+    s = SHAPES[name]
+    cfg = model_config(s)
+    print(f"\n== {name}: {s.layers} layers, d={s.d}, {s.heads} heads, MLP {s.mlp}, batch {s.batch}, seq {s.seq} "
+          f"(BD3: 2L={2 * s.seq}, block {BLOCK}), f32; ardiff params {cfg.num_params() / 1e6:.3f}M")
+    runners = {}
+    for kind in ("AR", "BD3"):
+      runners[("ardiff", kind)] = jax_step(s, kind)
+      if use_torch:
+        runners[("torch", kind)] = torch_twin.train_step(s, kind, vocab=VOCAB, mask_id=MASK_ID, block=BLOCK)
+    if use_torch:
+      print(f"torch twin params {torch_twin.num_params(s, VOCAB) / 1e6:.3f}M")
+    med = median_times(runners, args.steps)
+    header = f"{'codebase':<10} {'AR ms/step':>11} {'AR tok/s':>9} {'BD3 ms/step':>12} {'BD3 tok/s':>10} {'BD3/AR':>7}"
+    print(header)
+    print("-" * len(header))
+    for side in ("torch", "ardiff"):
+      if (side, "AR") not in med:
+        continue
+      ar, bd3 = med[(side, "AR")], med[(side, "BD3")]
+      toks = s.batch * s.seq
+      print(f"{side:<10} {ar * 1e3:>11.1f} {toks / ar:>9.0f} {bd3 * 1e3:>12.1f} {toks / bd3:>10.0f} "
+            f"{bd3 / ar:>6.2f}x")
+    if use_torch:
+      print(f"ardiff/torch: AR {med[('ardiff', 'AR')] / med[('torch', 'AR')]:.2f}x, "
+            f"BD3 {med[('ardiff', 'BD3')] / med[('torch', 'BD3')]:.2f}x (< 1: ardiff faster)")
+    if args.no_breakdown:
+      continue
+    comps = {}
+    for kind in ("AR", "BD3"):
+      for c, f in jax_components(s, kind).items():
+        comps[("ardiff", kind, c)] = f
+      if use_torch:
+        for c, f in torch_twin.components(s, kind, vocab=VOCAB, mask_id=MASK_ID, block=BLOCK).items():
+          comps[("torch", kind, c)] = f
+    cm = median_times(comps, max(3, args.steps // 3))
+    print(f"breakdown, ms (each component alone, forward + backward, all layers):")
+    names = ("attention", "MLP", "loss", "optimizer")
+    print(f"{'':<14}" + "".join(f"{n:>11}" for n in names))
+    for kind in ("AR", "BD3"):
+      for side in ("torch", "ardiff"):
+        if (side, kind, "MLP") in cm:
+          print(f"{side + ' ' + kind:<14}" + "".join(f"{cm[(side, kind, n)] * 1e3:>11.1f}" for n in names))
   return 0
 
 
