@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from ardiff import objectives  # noqa: E402
+from ardiff.sampling import generate as sampling_lib  # noqa: E402
 from ardiff.config import ModelConfig  # noqa: E402
 from ardiff.images import data as data_lib  # noqa: E402
 from ardiff.images import discrete, fid, flow  # noqa: E402
@@ -118,7 +119,8 @@ def run_discrete(name, args, data):
   exp = types.SimpleNamespace(image=image, data=types.SimpleNamespace(seq_len=seq_len), objective=obj)
 
   def sample(labels, seed):
-    levels_img, invalid, res = discrete.sample_images(params, model, exp, labels, rng=jax.random.key(seed))
+    levels_img, invalid, res = discrete.sample_images(params, model, exp, labels, rng=jax.random.key(seed),
+                                                       sampling=sampling_lib)
     return tokens_lib.dequantize(levels_img, levels), int(res.nfe), invalid
   return sample, {"bits_per_dim": total / count / math.log(2), "train_loss": final_loss, "train_s": train_s,
                   "seq_len": seq_len, "block": obj.block_size if obj.kind != "ar" else 1}

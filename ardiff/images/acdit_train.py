@@ -23,7 +23,6 @@ from ardiff.images import flow
 from ardiff.images import grid as grid_lib
 from ardiff.images.discrete import grid_labels
 from ardiff.images.model import ACDiT, init_params
-from ardiff.training import optimizer as optimizer_lib
 
 
 class ContinuousTransform:
@@ -43,6 +42,23 @@ def _patchify_np(unit: np.ndarray, p: int) -> np.ndarray:
   g = s // p
   return (2.0 * unit.reshape(b, g, p, g, p).transpose(0, 1, 3, 2, 4).reshape(b, g * g, p * p) - 1.0).astype(
       np.float32)
+
+
+def make_optimizer(cfg):
+  """AdamW after linear warmup, cosine (to ``end_lr_ratio``) or constant, global-norm clipping: the meaning of the
+  ``optimizer`` section (:mod:`ardiff.training.optimizer`), built here because ``ardiff.images`` sits below
+  ``ardiff.training`` in the package layering (the trainer hands continuous runs over to this module)."""
+  import optax
+  peak = cfg.learning_rate
+  if cfg.schedule == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, cfg.warmup_steps, cfg.total_steps,
+                                                  end_value=peak * cfg.end_lr_ratio)
+  else:
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, max(cfg.warmup_steps, 1)),
+                                     optax.constant_schedule(peak)], [cfg.warmup_steps])
+  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+  return optax.chain(*parts)
 
 
 def make_model(exp) -> ACDiT:
@@ -103,7 +119,7 @@ def train(exp, *, progress: bool = True, stop_after: Optional[int] = None) -> di
   run_dir = run_dir_lib.as_path(tcfg.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   model = make_model(exp)
-  tx, _ = optimizer_lib.make_optimizer(exp.optimizer)
+  tx = make_optimizer(exp.optimizer)
   if exp.optimizer.grad_accum_steps != 1 or exp.optimizer.ema_decay:
     raise NotImplementedError("continuous image runs do not implement optimizer.grad_accum_steps > 1 or "
                               "optimizer.ema_decay; set them to 1 and 0.")
@@ -161,7 +177,7 @@ def load(run_dir):
   config, _ = run_dir_lib.read_config(run_dir)
   exp = experiment_lib.validate(config)
   model = make_model(exp)
-  tx, _ = optimizer_lib.make_optimizer(exp.optimizer)
+  tx = make_optimizer(exp.optimizer)
   ckpt = checkpoint_lib.Checkpointer(run_dir_lib.as_path(run_dir) / run_dir_lib.CHECKPOINTS)
   try:
     _, state = ckpt.restore(_abstract(_state(exp, model, tx)))

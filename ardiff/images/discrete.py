@@ -77,13 +77,16 @@ def prefix_len(exp) -> int:
   return exp.data.seq_len - exp.image.side ** 2
 
 
-def sample_images(params, model, exp, labels: np.ndarray, *, rng, strategy: str = "first_hitting",
+def sample_images(params, model, exp, labels: np.ndarray, *, rng, sampling, strategy: str = "first_hitting",
                   steps_per_block: Optional[int] = None, temperature: float = 1.0):
   """``(levels int32[n, S, S], invalid count, sampler result)`` for the class ``labels [n]``, from the run's own
   family: AR, or block diffusion with the exact KV cache (``first_hitting`` with one token per step is BD3's exact
-  sampler; other strategies of :mod:`ardiff.sampling.commit_rules` trade exactness for fewer forwards)."""
-  from ardiff.sampling.generate import default_sampler, generate
+  sampler; other strategies of :mod:`ardiff.sampling.commit_rules` trade exactness for fewer forwards).
 
+  ``sampling``: the module :mod:`ardiff.sampling.generate`, passed in by the caller (the trainer, ``ardiff
+  sample``, the benchmark): ``ardiff.images`` sits below ``ardiff.sampling`` and ``ardiff.training`` in the package
+  layering (they hand image runs over to it), so it does not import them."""
+  default_sampler, generate = sampling.default_sampler, sampling.generate
   im = exp.image
   n_pix = im.side ** 2
   prompt = tokens_lib.class_prefix(labels, prefix=prefix_len(exp), levels=im.levels)

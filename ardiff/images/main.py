@@ -27,8 +27,9 @@ def is_image_run(run_dir) -> bool:
   return config.get("image") is not None
 
 
-def sample(args) -> int:
-  """``args``: the parsed flags of ``ardiff sample`` (plus ``cfg_scale`` and ``out``)."""
+def sample(args, *, sampling) -> int:
+  """``args``: the parsed flags of ``ardiff sample`` (plus ``cfg_scale`` and ``out``); ``sampling``: the module
+  :mod:`ardiff.sampling.generate` (see :func:`ardiff.images.discrete.sample_images`)."""
   from ardiff.images import acdit_train, discrete
 
   config, _ = run_dir_lib.read_config(args.run_dir)
@@ -41,7 +42,8 @@ def sample(args) -> int:
     exp, model, params = run_dir_lib.load_run(args.run_dir, use_ema=args.ema)
     write = lambda rng, out: discrete.write_samples(
         params, model, exp, run_dir_lib.as_path(args.run_dir), out=out, per_class=args.num_samples, rng=rng,
-        steps_per_block=args.steps_per_block, temperature=1.0 if getattr(args, "temperature", None) is None else args.temperature)
+        sampling=sampling, steps_per_block=args.steps_per_block,
+        temperature=1.0 if getattr(args, "temperature", None) is None else args.temperature)
   out = run_dir_lib.as_path(args.out) if args.out else None
   if args.warmup:
     print("warm-up: a first, untimed generation compiles the sampler (--no-warmup skips it)", file=sys.stderr)

@@ -141,7 +141,8 @@ def main(argv) -> int:
     raise UsageError(f"--num_samples={args.num_samples} must be >= 1.")
   from ardiff.images import main as images_main
   if images_main.is_image_run(args.run_dir):  # image runs: a PNG grid (ardiff/images/main.py)
-    return images_main.sample(args)
+    from ardiff.sampling import generate as generate_lib
+    return images_main.sample(args, sampling=generate_lib)
   exp, model, params = load_run(args.run_dir, use_ema=args.ema)
   decoding = family_defaults.read_decoding(args.run_dir)  # an imported family's sampler defaults
   family_defaults.fill(args, decoding)

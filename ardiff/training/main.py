@@ -298,7 +298,8 @@ def write_samples(params, model, exp, tok, run_dir) -> str:
   """A few generated samples, written to ``samples.txt`` in the run directory (image runs: ``samples.png``)."""
   if exp.image is not None:
     from ardiff.images import discrete
-    return discrete.write_samples(params, model, exp, run_dir_lib.as_path(run_dir))
+    from ardiff.sampling import generate as generate_lib
+    return discrete.write_samples(params, model, exp, run_dir_lib.as_path(run_dir), sampling=generate_lib)
   from ardiff.sampling.generate import generate_for_experiment
   texts = generate_for_experiment(params, model, exp, tok, num_samples=exp.train.num_samples,
                                   num_tokens=exp.train.sample_tokens, rng=jax.random.key(0))
