@@ -1,6 +1,6 @@
 """Class-conditional block diffusion (BD3) on sklearn's 8x8 digits: 17 grey levels as tokens, a block = one pixel
-row (8 tokens), the text backbone and objective unchanged. 600 steps of 32 images (4,608 tokens of the 2L sequence
-a step, about the default text run's 4,096, for twice its steps): minutes on a laptop CPU. The end of the run writes
+row (8 tokens), the text backbone and objective unchanged. 400 steps of 32 images (4,608 tokens of the 2L sequence
+a step, about the default text run's 4,096, for 4/3 of its steps): minutes on a laptop CPU. The end of the run writes
 ``runs/digits_bd/samples.png`` (one row per digit class) and the eval reports bits per dimension (``bits_per_token``).
 
 Launch:  python -m ardiff train --config configs/digits_bd.py
@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.name = f"digits_{tag}"
   c.train.run_dir = "runs/digits_bd" if tag == "bd3" else f"runs/digits_{tag}"
   c.train.batch_size = 32
-  c.train.num_steps = 600
+  c.train.num_steps = 400
   c.train.eval_every = 200
   c.train.save_every = 200
   c.train.eval_batches = 9  # the whole 297-image test split (9 batches of 32)
