@@ -80,11 +80,14 @@ def _allowed(cfg: _Config, q_abs, k_abs, tbl, qseg, kseg, masked):
   allowed = None
   if masked:
     if cfg.table:
-      allowed = tbl != 0
+      allowed = tbl if tbl.dtype == jnp.bool_ else tbl != 0
     else:
       allowed = (q_abs < cfg.q_len) & (k_abs < cfg.kv_len) & cfg.mask.predicate(q_abs, k_abs)
   if cfg.segments:
-    seg = masks_lib.segment_predicate(qseg, kseg)
+    # masks.segment_predicate (equal ids, not padding 0) with the padding test on the row operand: where the ids
+    # are equal either side's test is the same, and a [1, n] row is cheaper than the broadcast tile.
+    row = kseg if kseg.shape[0] == 1 else qseg
+    seg = (qseg == kseg) & (row != 0)
     allowed = seg if allowed is None else allowed & seg
   return allowed
 

@@ -87,7 +87,8 @@ def _tpu_fwd_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref,
     k_abs = kv_idx_ref[qi, j] * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     s, _ = _scores(q_ref[...], k_ref[...], cfg)
     allowed = _allowed(cfg, q_abs, k_abs, tbl_ref[...] if (masked and cfg.table) else None,
-                       qseg_ref[...] if cfg.segments else None, kseg_ref[...] if cfg.segments else None, masked)
+                       _lanes(qseg_ref[...], bk) if cfg.segments else None,
+                       kseg_ref[...] if cfg.segments else None, masked)
     m, l, acc = _softmax_step(s, allowed, v_ref[...], m_scr[...], l_scr[...], acc_scr[...])
     m_scr[...], l_scr[...], acc_scr[...] = m, l, acc
     if counter:
@@ -110,11 +111,14 @@ def _tpu_segments(cfg: _Config, qseg, kseg, q_map, k_map, transposed: bool = Fal
   kernel's ``[bk, bq]`` tile, ids the other way round)."""
   if not cfg.segments:
     return [None, None], [None, None]
+  # The column operand is lane-replicated [len, 128] (like the softmax statistics): a [n, 1] column would need a
+  # lane broadcast on every tile.
+  lanes = lambda ids: jnp.broadcast_to(ids[:, :, None], ids.shape + (LANES,))
   if transposed:
-    return ([pl.BlockSpec((None, 1, cfg.block_q), q_map), pl.BlockSpec((None, cfg.block_kv, 1), k_map)],
-            [qseg[:, None, :], kseg[:, :, None]])
-  return ([pl.BlockSpec((None, cfg.block_q, 1), q_map), pl.BlockSpec((None, 1, cfg.block_kv), k_map)],
-          [qseg[:, :, None], kseg[:, None, :]])
+    return ([pl.BlockSpec((None, 1, cfg.block_q), q_map), pl.BlockSpec((None, cfg.block_kv, LANES), k_map)],
+            [qseg[:, None, :], lanes(kseg)])
+  return ([pl.BlockSpec((None, cfg.block_q, LANES), q_map), pl.BlockSpec((None, 1, cfg.block_kv), k_map)],
+          [lanes(qseg), kseg[:, None, :]])
 
 
 def _tpu_table(cfg: _Config, block_map, transposed: bool):
@@ -181,7 +185,8 @@ def _tpu_dq_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, 
     k = k_ref[...]
     s, dcap = _scores(q_ref[...], k, cfg)
     allowed = _allowed(cfg, q_abs, k_abs, tbl_ref[...] if (masked and cfg.table) else None,
-                       qseg_ref[...] if cfg.segments else None, kseg_ref[...] if cfg.segments else None, masked)
+                       _lanes(qseg_ref[...], bk) if cfg.segments else None,
+                       kseg_ref[...] if cfg.segments else None, masked)
     p = _probs(s, lse_ref[...], allowed)
     dp = lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=jnp.float32)
     ds = p * (dp - delta_ref[...])
@@ -217,7 +222,8 @@ def _tpu_dkv_kernel(q_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, 
     q, do = q_ref[...], do_ref[...]
     s, dcap = _scores(k_ref[...], q, cfg)
     allowed = _allowed(cfg, q_abs, k_abs, tbl_ref[...] if (masked and cfg.table) else None,
-                       qseg_ref[...] if cfg.segments else None, kseg_ref[...] if cfg.segments else None, masked)
+                       qseg_ref[...] if cfg.segments else None,
+                       _lanes(kseg_ref[...], bq) if cfg.segments else None, masked)
     p = _probs(s, lse_ref[...], allowed)
     dv_scr[...] += jnp.dot(p.astype(do.dtype), do, preferred_element_type=jnp.float32)
     dp = lax.dot_general(v_ref[...], do, _NT, preferred_element_type=jnp.float32)

@@ -47,7 +47,7 @@ class BlockSparseMetadata:
   dkv_kind: np.ndarray         # int32 [nk, dkv_width]
   dkv_count: np.ndarray        # int32 [nk]
   dkv_block_id: np.ndarray     # int32 [nk, dkv_width]
-  partial_blocks: Optional[np.ndarray]  # int8 [n, bq, bk] (1 = allowed) or None when the predicate runs in-kernel
+  partial_blocks: Optional[np.ndarray]  # bool [n, bq, bk] (True = allowed) or None when the predicate runs in-kernel
 
   @property
   def num_q_tiles(self) -> int:
@@ -140,7 +140,7 @@ def build_metadata(mask: masks_lib.Mask, q_len: int, kv_len: int, block_q: int, 
           tile_id[i, j] = ids[key]
     if not blocks:
       blocks.append(np.zeros((block_q, block_kv), bool))
-    partial = np.stack(blocks).astype(np.int8)
+    partial = np.stack(blocks)
 
     def fill(index, kind, out, transpose):
       last = 0
