@@ -31,8 +31,7 @@ def main(run_dir: str, out_path: str) -> None:
   common = dict(rng=jax.random.key(3), num_tokens=8, objective=exp.objective, temperature=1.0, top_p=0.9,
                 eos_id=tok.eos_id)
   runs = {
-      "block_diffusion/topk_confidence": dict(sampler="block_diffusion", strategy="topk_confidence"),
-      "block_diffusion/first_hitting": dict(sampler="block_diffusion", strategy="first_hitting"),
+      "block_diffusion": dict(sampler="block_diffusion", strategy="topk_confidence"),
       "ar": dict(sampler="ar"),
       "tidar": dict(sampler="tidar"),
       "speculative": dict(sampler="speculative", draft=(params, model), num_draft=2),

@@ -38,7 +38,10 @@ def data_dir(tmp_path_factory):
 
 def _env(**extra):
   env = {k: v for k, v in os.environ.items() if not k.startswith("ARDIFF_") and k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1", ARDIFF_HEARTBEAT_TIMEOUT="10", **extra)
+  # most XLA passes off (as tests/conftest.py's fast_compiles): these runs are compile-dominated, and every run
+  # compared here compiles alike, so the comparisons stay exact
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1", ARDIFF_HEARTBEAT_TIMEOUT="10",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="true", **extra)
   return env
 
 
@@ -178,7 +181,7 @@ def test_kill_minus_9_of_one_process_stops_the_other_within_bounded_time(tmp_pat
 
 
 def test_eval_and_every_sampler_give_the_same_numbers_and_tokens_under_two_processes(tmp_path, reference_run):
-  """tests/multihost_samplers.py (eval + block diffusion x 2 strategies, AR, TiDAR, speculative, DiffuSpec) on the
+  """tests/multihost_samplers.py (eval + block diffusion, AR, TiDAR, speculative, DiffuSpec) on the
   reference run: 2 processes x 2 devices write exactly what 1 process x 4 devices writes."""
   script = os.path.join(ROOT, "tests", "multihost_samplers.py")
   outs = {}
@@ -196,8 +199,7 @@ def test_eval_and_every_sampler_give_the_same_numbers_and_tokens_under_two_proce
           p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     outs[processes] = json.loads(out.read_text())
-  assert set(outs[1]) == {"eval", "block_diffusion/topk_confidence", "block_diffusion/first_hitting", "ar", "tidar",
-                          "speculative", "diffuspec"}
+  assert set(outs[1]) == {"eval", "block_diffusion", "ar", "tidar", "speculative", "diffuspec"}
   for name in outs[1]:
     assert outs[2][name] == outs[1][name], name
 
