@@ -3,7 +3,11 @@
 Shapes: ``q`` is ``[batch, q_len, heads, head_dim]``; ``k`` and ``v`` are
 ``[batch, kv_len, kv_heads, head_dim]`` with ``kv_heads`` dividing ``heads`` (GQA). The semantics (static mask,
 packing, cache validity; empty rows give zeros) are those of :func:`kernels_pallas.reference.reference_attention`,
-which is also the XLA path.
+the dense oracle every path is tested against.
+
+XLA routing (``impl="xla"``, and ``"auto"`` on CPU): :func:`ardiff.attention_xla.xla_attention` computes only the
+non-empty tiles of the static mask (cuDNN flash attention for fp16/bf16 on GPU; the dense reference for cached
+forwards).
 
 Pallas routing
 --------------
@@ -42,12 +46,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from ardiff import attention_xla
 from ardiff import masks as masks_lib
 from ardiff import sharding as sharding_lib
 from kernels_pallas import block_sparse_attention as block_sparse_lib
 from kernels_pallas import decode_attention as decode_lib
 from kernels_pallas.common import BACKENDS
-from kernels_pallas.reference import allowed_bqk, reference_attention  # noqa: F401 - re-exported: the XLA path
+from kernels_pallas.reference import allowed_bqk, reference_attention  # noqa: F401 - re-exported: the test oracle
 
 IMPLS = ("xla", "pallas", "auto")
 Q_AXES = ("batch", "length", "heads", "head_dim")      # logical names of q and the output (ardiff.model)
@@ -77,7 +82,7 @@ def attention(q, k, v, *, mask: masks_lib.Mask, impl: str = "xla", q_offsets=Non
   kwargs = dict(mask=mask, q_offsets=q_offsets, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                 kv_lengths=kv_lengths, sm_scale=sm_scale, logit_soft_cap=logit_soft_cap)
   if impl == "xla":
-    return reference_attention(q, k, v, **kwargs)
+    return attention_xla.xla_attention(q, k, v, **kwargs)
   return pallas_attention(q, k, v, **kwargs)
 
 
