@@ -202,7 +202,9 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_bl, *, mask: masks_lib.Mask, positions=None, segment_ids=None,
-               cache: Optional[KVCache] = None) -> ModelOutput:
+               cache: Optional[KVCache] = None, logits_len: Optional[int] = None) -> ModelOutput:
+    """``logits_len``: compute logits for the first ``logits_len`` positions only (BD3's clean half needs none);
+    ``hidden`` stays full length."""
     cfg = self.config
     if tokens_bl.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got shape {tokens_bl.shape}.")
@@ -251,11 +253,12 @@ class Transformer(nn.Module):
       new_kv = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
 
     hidden = RMSNorm(cfg, name="norm")(x)
+    head_in = hidden if logits_len is None else hidden[:, :logits_len]
     if cfg.tie_embeddings:
-      logits = embed.attend(hidden)
+      logits = embed.attend(head_in)
     else:
       logits = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head", dtype=cfg.compute_dtype,
-                        param_dtype=cfg.weight_dtype, kernel_init=_dense_init(cfg, ("embed", "vocab")))(hidden)
+                        param_dtype=cfg.weight_dtype, kernel_init=_dense_init(cfg, ("embed", "vocab")))(head_in)
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     new_cache = None
     if cache is not None:

@@ -83,7 +83,8 @@ def diffusion_logits(params, pb: base.Batch, masked, *, model: Transformer, cfg:
   out = model.apply({"params": params}, jnp.concatenate([x_t, pb.tokens], axis=1),
                     mask=masks.BD3(length, cfg.block_size),
                     positions=jnp.concatenate([pb.positions, pb.positions], axis=1),
-                    segment_ids=jnp.concatenate([pb.segment_ids, pb.segment_ids], axis=1))
+                    segment_ids=jnp.concatenate([pb.segment_ids, pb.segment_ids], axis=1),
+                    logits_len=None if cfg.token_shift else length)  # the clean half's logits are unused
   logits_t = out.logits[:, :length]
   if not cfg.token_shift:
     return logits_t
