@@ -213,6 +213,8 @@ def main(argv) -> int:
   res = run()  # timed without compilation unless --no-warmup
   seconds = time.perf_counter() - start
   tokens, n_new = np.asarray(res.tokens), np.asarray(res.lengths)
+  if jax.process_index() != 0:
+    return 0  # every process of a multi-host job decodes the same samples; one prints them
   for row, n in zip(tokens, n_new):
     print(tok.decode(ids) + tok.decode([int(t) for t in row[:n]]))
     print("-" * 40)
