@@ -15,20 +15,11 @@ from ardiff import masks, sharding
 from ardiff.config import ModelConfig
 from ardiff.export import hf as hf_lib
 from ardiff.model import Transformer, init_params
+from tests.hf_testing import torch_and_transformers as _torch
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128)
 ROPE = {"rope_type": "default", "rope_theta": 500.0}
-
-
-def _torch():
-  try:
-    import torch
-    import transformers
-  except ImportError as e:  # a hard failure, not a skip: the parity tests are the point of this file
-    raise ImportError(f"{e}; the HF parity tests need torch and transformers: "
-                      "pip install -r requirements-dev.txt") from e
-  return torch, transformers
 
 
 def _make_hf(arch, out_dir, *, tie=False, seed=0):
