@@ -27,6 +27,7 @@ COMMANDS = {
     "export": ("ardiff.export.main", "export a run: Hugging Face directory, portable params, StableHLO"),
     "convert": ("ardiff.export.convert", "convert an AR model (HF directory or run) into a block-diffusion run"),
     "data": ("ardiff.data.main", "your own corpus: prepare a dataset, train a tokenizer, show packed batches"),
+    "images": ("ardiff.images.prepare", "image data: write Fashion-MNIST as a TFDS array_record dataset"),
 }
 
 USAGE = ("usage: python -m ardiff <command> [flags]    (python -m ardiff <command> --help for its flags)\n\n"

@@ -242,7 +242,8 @@ class TrainConfig(_Section):
                        "--config.train.run_dir=runs/my_run.")
 
 
-IMAGE_DATASETS = {"digits": 8, "fashion_mnist": 28}  # native side (square images, 10 classes each)
+IMAGE_DATASETS = {"digits": 8, "fashion_mnist": 28, "mnist": 28, "kmnist": 28, "cifar10": 32}  # native side
+IMAGE_FILE_DATASETS = ("digits", "fashion_mnist")  # image.source="files"; all but digits also through TFDS
 IMAGE_CLASSES = 10
 
 
@@ -252,8 +253,12 @@ class ImageConfig(_Section):
   on images: ``kind="discrete"`` runs the text backbone and objective on grey-level tokens, ``"continuous"`` the
   ACDiT model (patch vectors, rectified flow inside blocks of ``objective.block_size`` patches).
 
-  dataset:        "digits" (vendored) | "fashion_mnist" (Debian dataset-fashion-mnist under data_dir).
-  data_dir:       Fashion-MNIST IDX directory ("" = /usr/share/datasets/fashion-mnist).
+  dataset:        "digits" (vendored) | "fashion_mnist" (Debian dataset-fashion-mnist under data_dir) | with
+                  source="tfds" also "mnist" | "kmnist" | "cifar10" (grey: BT.601 luma).
+  source:         "files" (digits vendored, Fashion-MNIST IDX) | "tfds" (a prepared TFDS array_record dataset
+                  named ``dataset`` under data_dir; ``python -m ardiff images prepare`` writes Fashion-MNIST's).
+  data_dir:       files: Fashion-MNIST IDX directory ("" = /usr/share/datasets/fashion-mnist); tfds: the TFDS
+                  data dir ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets).
   size:           side after mean-pooling (0 = native: 8 digits, 28 Fashion-MNIST).
   kind:           "discrete" | "continuous".
   levels:         discrete: grey levels (token ids 0..levels-1; then 10 class ids, then [MASK]).
@@ -268,6 +273,7 @@ class ImageConfig(_Section):
   SECTION = "image"
 
   dataset: str = "digits"
+  source: str = "files"
   data_dir: str = ""
   size: int = 0
   kind: str = "discrete"
@@ -282,6 +288,11 @@ class ImageConfig(_Section):
     check_fields("image", self)
     if self.dataset not in IMAGE_DATASETS:
       raise ValueError(f"image.dataset={self.dataset!r} must be one of {sorted(IMAGE_DATASETS)}.")
+    if self.source not in ("files", "tfds"):
+      raise ValueError(f"image.source={self.source!r} must be 'files' or 'tfds'.")
+    if (self.source == "files") != (self.dataset in IMAGE_FILE_DATASETS) and self.dataset != "fashion_mnist":
+      raise ValueError(f"image.dataset={self.dataset!r} cannot be read with image.source={self.source!r}: digits is "
+                       "vendored (source='files'); mnist, kmnist and cifar10 are read through TFDS (source='tfds').")
     for name, allowed in (("kind", ("discrete", "continuous")), ("order", ("raster", "patch"))):
       if getattr(self, name) not in allowed:
         raise ValueError(f"image.{name}={getattr(self, name)!r} must be one of {allowed}.")

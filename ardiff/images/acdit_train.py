@@ -67,7 +67,7 @@ def make_model(exp) -> ACDiT:
 
 def batches(exp, split: str, batch_size: int, *, seed: int, shuffle: bool, num_epochs=None):
   im = exp.image
-  images, labels = data_lib.load_images(im.dataset, split, size=im.size, data_dir=im.data_dir)
+  images, labels = data_lib.load_images(im.dataset, split, size=im.size, data_dir=im.data_dir, source=im.source)
   return data_lib.make_dataset(images, labels, ContinuousTransform(dataset=im.dataset, patch_size=im.patch_size),
                                seed=seed, batch_size=batch_size, shuffle=shuffle, num_epochs=num_epochs)
 

@@ -11,6 +11,9 @@ text pipeline (``it.get_state()`` / orbax ``CheckpointSave``), so runs resume bi
 * ``fashion_mnist``: ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` under ``cfg.data_dir`` (default
   ``/usr/share/datasets/fashion-mnist``, Debian/Ubuntu ``apt-get install dataset-fashion-mnist``); 60k ``train``,
   10k ``test``. Each file is checked against its sha256 (Debian's package = the upstream release) and its IDX header.
+* ``source="tfds"``: ``dataset`` read by name as a prepared TFDS array_record dataset under ``data_dir``
+  (:mod:`ardiff.images.tfds_data`: Fashion-MNIST prepared offline by ``python -m ardiff images prepare``, or public
+  ``mnist``, ``kmnist``, ``cifar10`` built with ``tfds build``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ FASHION_SHA256 = {
     "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
     "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
 }
-DATASETS = {"digits": (8, 16), "fashion_mnist": (28, 255)}  # native side, maximum grey value
+DATASETS = {"digits": (8, 16), "fashion_mnist": (28, 255), "mnist": (28, 255), "kmnist": (28, 255),
+            "cifar10": (32, 255)}  # native side, maximum grey value
+FILE_DATASETS = ("digits", "fashion_mnist")  # source="files": vendored / Debian IDX; the others only through TFDS
+SOURCES = ("files", "tfds")
+TFDS_DEFAULT_DIR = "~/tensorflow_datasets"
 SPLITS = ("train", "test")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot")
@@ -100,13 +107,30 @@ def pool(images: np.ndarray, size: int) -> np.ndarray:
   return np.rint(pooled).astype(images.dtype)
 
 
-def load_images(dataset: str, split: str, *, size: int = 0, data_dir: str = ""):
-  """``(uint8[n, S, S], int32[n])`` of ``dataset`` ('digits' | 'fashion_mnist'), ``split`` ('train' | 'test')."""
+def tfds_dir(data_dir: str) -> str:
+  return data_dir or os.environ.get("TFDS_DATA_DIR", "") or TFDS_DEFAULT_DIR
+
+
+def load_images(dataset: str, split: str, *, size: int = 0, data_dir: str = "", source: str = "files"):
+  """``(uint8[n, S, S], int32[n])`` of ``dataset`` ('digits' | 'fashion_mnist' | with ``source="tfds"`` also
+  'mnist' | 'kmnist' | 'cifar10'), ``split`` ('train' | 'test'). ``data_dir``: the IDX directory (files) or the
+  TFDS data dir ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)."""
   if dataset not in DATASETS:
     raise ValueError(f"image.dataset={dataset!r} must be one of {sorted(DATASETS)}.")
   if split not in SPLITS:
     raise ValueError(f"image split {split!r} must be one of {SPLITS}.")
-  if dataset == "digits":
+  if source not in SOURCES:
+    raise ValueError(f"image.source={source!r} must be one of {SOURCES}.")
+  if source == "tfds":
+    from ardiff.images import tfds_data
+    images, labels = tfds_data.load(dataset, split, tfds_dir(data_dir))
+    if images.shape[1] != DATASETS[dataset][0]:
+      raise ValueError(f"TFDS dataset {dataset!r} under {tfds_dir(data_dir)!r} holds {images.shape[1]}x"
+                       f"{images.shape[2]} images, not the {DATASETS[dataset][0]}x{DATASETS[dataset][0]} of {dataset}.")
+  elif dataset not in FILE_DATASETS:
+    raise ValueError(f"image.dataset={dataset!r} is read only through TFDS: set image.source='tfds' (and "
+                     f"image.data_dir to its TFDS data dir).")
+  elif dataset == "digits":
     table = _digits_table()
     rows = slice(0, DIGITS_TRAIN) if split == "train" else slice(DIGITS_TRAIN, None)
     images = table[rows, :64].reshape(-1, 8, 8).astype(np.uint8)

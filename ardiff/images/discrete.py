@@ -44,7 +44,7 @@ def _transform(exp):
 
 def _load(exp, split):
   im = exp.image
-  return data_lib.load_images(im.dataset, split, size=im.size, data_dir=im.data_dir)
+  return data_lib.load_images(im.dataset, split, size=im.size, data_dir=im.data_dir, source=im.source)
 
 
 def _batches(exp, split: str, batch_size: int, *, seed: int, shuffle: bool, num_epochs, batch_sh=None):
