@@ -20,6 +20,7 @@ from kernels_pallas import common
 EMPTY_ROW_LSE = 1e30  # logsumexp stored for rows with no allowed key: exp(s - lse) == 0 in the backward
 DEFAULT_BLOCKS = {"tpu": 128, "gpu": 64}
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
+_TN = (((0,), (0,)), ((), ()))  # contract the first dims: a.T @ b
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ def _allowed(cfg: _Config, q_abs, k_abs, tbl, qseg, kseg, masked):
 def _cost(cfg: _Config, b, h, d, itemsize, pass_: str) -> pl.CostEstimate:
   tiles = cfg.meta.num_nonempty
   elems = b * h * tiles * cfg.block_q * cfg.block_kv
-  mm = {"fwd": 2, "dq": 3, "dkv": 4}[pass_]
+  mm = {"fwd": 2, "dq": 3, "dkv": 4, "dkv_dq": 5}[pass_]
   tq, tk = cfg.meta.padded_q_len, cfg.meta.padded_kv_len
-  nbytes = itemsize * b * h * d * (2 * tq + 2 * tk * (cfg.meta.fwd_width if pass_ != "dkv" else 1))
+  nbytes = itemsize * b * h * d * (2 * tq + 2 * tk * (cfg.meta.fwd_width if pass_ in ("fwd", "dq") else 1))
   return pl.CostEstimate(flops=2 * mm * elems * d, transcendentals=elems, bytes_accessed=int(nbytes))

@@ -1,7 +1,8 @@
 """TPU (Mosaic) kernels of :func:`kernels_pallas.block_sparse_attention.block_sparse_attention`.
 
 ``pltpu.PrefetchScalarGridSpec`` with the metadata as scalar-prefetch (SMEM) operands. Forward and dQ grid
-``(b, h, q_tiles, fwd_width)``; dK/dV grid ``(b, kvh, kv_tiles, groups, dkv_width)``. The K/V (resp. Q/dO) index
+``(b, h, q_tiles, fwd_width)``; dK/dV grid ``(b, kvh, kv_tiles, groups, dkv_width)``, which also accumulates dQ
+when the whole-sequence dQ fits VMEM (then no dQ pass runs). The K/V (resp. Q/dO) index
 maps read the listed tile, so padded steps revisit the block already in VMEM (no DMA) and ``pl.when`` skips
 their compute. Online softmax in float32 VMEM scratch (m, l, acc). The dK/dV kernel works on transposed scores
 ``k @ q.T`` so that per-query vectors (logsumexp, delta, query segment ids) are lane rows. The layout, masking and
@@ -21,7 +22,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas.block_sparse_metadata import MASKED, UNMASKED
 from kernels_pallas.common import NEG_INF
-from kernels_pallas._block_sparse_common import _NT, _Config, _scores, _finalize, _probs, _allowed, _cost
+from kernels_pallas._block_sparse_common import _NT, _TN, _Config, _scores, _finalize, _probs, _allowed, _cost
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -192,35 +193,46 @@ def _tpu_dq_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, 
     ds = p * (dp - delta_ref[...])
     if dcap is not None:
       ds = ds * dcap
-    dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * cfg.sm_scale
+    dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
   pl.when(run & (kind == UNMASKED))(lambda: compute(False))
   pl.when(run & (kind == MASKED))(lambda: compute(True))
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _final():
-    dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
+    dq_ref[...] = (dq_scr[...] * cfg.sm_scale).astype(dq_ref.dtype)  # the scale once, not per tile
 
 
 def _tpu_dkv_kernel(q_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                    qseg_ref, kseg_ref, tbl_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, cfg: _Config):
+                    qseg_ref, kseg_ref, tbl_ref, dk_ref, dv_ref, dq_ref, dk_scr, dv_scr, dq_scr, *, cfg: _Config):
+  """dK/dV (and, fused, dQ) of one kv tile. ``dq_ref``/``dq_scr`` are None without the fused dQ; with it they hold
+  the dQ of every query head of the kv head over the whole padded sequence, ``[groups, Tp, d]``, accumulated
+  across kv tiles and written once per (batch, kv head)."""
   ki, gi, j = pl.program_id(2), pl.program_id(3), pl.program_id(4)
   bq, bk = cfg.block_q, cfg.block_kv
+  fused = dq_ref is not None
+  last_g, last_j = pl.num_programs(3) - 1, pl.num_programs(4) - 1
 
   @pl.when((gi == 0) & (j == 0))
   def _init():
     dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
     dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
+  if fused:
+    @pl.when((ki == 0) & (gi == 0) & (j == 0))
+    def _init_dq():
+      dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+
   kind = kind_ref[ki, j]
   run = j < cnt_ref[ki]
 
   def compute(masked: bool):
     # Transposed orientation [bk, bq]: per-query vectors are lane rows (1, bq).
+    qt = q_idx_ref[ki, j]
     k_abs = ki * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
-    q_abs = q_idx_ref[ki, j] * bq + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
-    q, do = q_ref[...], do_ref[...]
-    s, dcap = _scores(k_ref[...], q, cfg)
+    q_abs = qt * bq + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
+    q, do, k = q_ref[...], do_ref[...], k_ref[...]
+    s, dcap = _scores(k, q, cfg)
     allowed = _allowed(cfg, q_abs, k_abs, tbl_ref[...] if (masked and cfg.table) else None,
                        qseg_ref[...] if cfg.segments else None,
                        _lanes(kseg_ref[...], bq) if cfg.segments else None, masked)
@@ -230,27 +242,44 @@ def _tpu_dkv_kernel(q_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, 
     ds = p * (dp - delta_ref[...])
     if dcap is not None:
       ds = ds * dcap
-    dk_scr[...] += jnp.dot(ds.astype(q.dtype), q, preferred_element_type=jnp.float32) * cfg.sm_scale
+    ds = ds.astype(q.dtype)
+    # sm_scale is applied once when the accumulators are written out, not per tile.
+    dk_scr[...] += jnp.dot(ds, q, preferred_element_type=jnp.float32)
+    if fused:
+      # dQ of this query tile += ds.T @ k (contract the kv axis of both): the fourth matmul of the tile replaces
+      # a separate dQ pass, which would recompute the scores and dP (three matmuls) per tile.
+      rows = pl.ds(pl.multiple_of(qt * bq, bq), bq)
+      dq_scr[gi, rows, :] += lax.dot_general(ds, k, _TN, preferred_element_type=jnp.float32)
 
   pl.when(run & (kind == UNMASKED))(lambda: compute(False))
   pl.when(run & (kind == MASKED))(lambda: compute(True))
 
-  @pl.when((gi == pl.num_programs(3) - 1) & (j == pl.num_programs(4) - 1))
+  @pl.when((gi == last_g) & (j == last_j))
   def _final():
-    dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
+    dk_ref[...] = (dk_scr[...] * cfg.sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
+  if fused:
+    @pl.when((ki == pl.num_programs(2) - 1) & (gi == last_g) & (j == last_j))
+    def _final_dq():
+      dq_ref[...] = (dq_scr[...] * cfg.sm_scale).astype(dq_ref.dtype)
 
-def _tpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
+
+# The fused backward keeps dQ of a whole (batch, kv head) in VMEM: an f32 accumulator plus the double-buffered output
+# block, ``groups * padded_q_len * d * (4 + 2 * itemsize)`` bytes. Up to this size it is used (T = 8192, d = 128,
+# bf16, no GQA: 8 MiB); beyond, a separate dQ pass runs (it recomputes the scores and dP per tile).
+FUSED_DQ_MAX_BYTES = 8 << 20
+
+
+def fused_dq_bytes(groups: int, padded_q_len: int, head_dim: int, itemsize: int) -> int:
+  return groups * padded_q_len * head_dim * (4 + 2 * itemsize)
+
+
+def _tpu_dq(cfg: _Config, q, k, v, qseg, kseg, lse, delta, do):
+  """Separate dQ pass (same grid and metadata as the forward); only where the fused dQ does not fit VMEM."""
   meta = cfg.meta
   b, h, tp, d = q.shape
-  kvh = k.shape[1]
   bq, bk, g = cfg.block_q, cfg.block_kv, cfg.groups
-  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [b, h, Tp]
-  interp = cfg.interpret_arg
-  itemsize = q.dtype.itemsize
-
-  # dQ: same grid and metadata as the forward.
   nq, wf = meta.num_q_tiles, meta.fwd_width
   q_map = lambda bi, hi, qi, j, *_: (bi, hi, qi, 0)
   kv_map = lambda bi, hi, qi, j, idx, *_: (bi, hi // g, idx[qi, j], 0)
@@ -262,7 +291,7 @@ def _tpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
               pl.BlockSpec((None, None, bq, 1), q_map), pl.BlockSpec((None, None, bq, 1), q_map), *seg_specs,
               tbl_spec]
   operands = [q, k, v, do, lse[..., None], delta[..., None], *seg_operands, tbl]
-  dq = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_tpu_dq_kernel, cfg=cfg),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4, grid=(b, h, nq, wf), in_specs=in_specs,
@@ -270,12 +299,23 @@ def _tpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
           scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      cost_estimate=_cost(cfg, b, h, d, itemsize, "dq"), interpret=interp,
+      cost_estimate=_cost(cfg, b, h, d, q.dtype.itemsize, "dq"), interpret=cfg.interpret_arg,
       name=f"block_sparse_attention_dq_tpu_bq{bq}_bk{bk}",
   )(jnp.asarray(meta.fwd_kv_index), jnp.asarray(meta.fwd_kind), jnp.asarray(meta.fwd_count),
     jnp.asarray(meta.fwd_block_id), *operands)
 
-  # dK/dV: grid over kv tiles, reducing over (query heads of the group, listed query tiles).
+
+def _tpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
+  """(dq, dk, dv). One pass over the kv tiles computes dK/dV and, when its whole-sequence accumulator fits VMEM
+  (:data:`FUSED_DQ_MAX_BYTES`), dQ too; otherwise dQ runs as a separate pass."""
+  meta = cfg.meta
+  b, h, tp, d = q.shape
+  kvh = k.shape[1]
+  bq, bk, g = cfg.block_q, cfg.block_kv, cfg.groups
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [b, h, Tp]
+  fused = fused_dq_bytes(g, tp, d, q.dtype.itemsize) <= FUSED_DQ_MAX_BYTES
+
+  # Grid over kv tiles, reducing over (query heads of the group, listed query tiles).
   nk, wb = meta.num_kv_tiles, meta.dkv_width
   qh_map = lambda bi, kh, ki, gi, j, idx, *_: (bi, kh * g + gi, idx[ki, j], 0)
   row_map = lambda bi, kh, ki, gi, j, idx, *_: (bi, kh * g + gi, 0, idx[ki, j])
@@ -290,16 +330,30 @@ def _tpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
               tbl_spec]
   operands = [q, k, v, do, lse[:, :, None, :], delta[:, :, None, :], *seg_operands, tbl]
   kv_out = pl.BlockSpec((None, None, bk, d), k_map)
-  dk, dv = pl.pallas_call(
+  out_specs = [kv_out, kv_out, None]
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), None]
+  scratch = [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32), None]
+  # Without the fused dQ, kv tiles are independent (megacore may split them); with it, they all add into one dQ.
+  sem = ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
+  if fused:
+    # dQ of the g query heads of one kv head as one resident [g, Tp, d] block (heads kh * g + gi are adjacent).
+    out_specs[2] = pl.BlockSpec((None, None, g, tp, d), lambda bi, kh, *_: (bi, kh, 0, 0, 0))
+    out_shape[2] = jax.ShapeDtypeStruct((b, kvh, g, tp, d), q.dtype)
+    scratch[2] = pltpu.VMEM((g, tp, d), jnp.float32)
+    sem = ("parallel", "parallel", "arbitrary", "arbitrary", "arbitrary")
+  dk, dv, dq = pl.pallas_call(
       functools.partial(_tpu_dkv_kernel, cfg=cfg),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=4, grid=(b, kvh, nk, g, wb), in_specs=in_specs, out_specs=[kv_out, kv_out],
-          scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
-      cost_estimate=_cost(cfg, b, h, d, itemsize, "dkv"), interpret=interp,
-      name=f"block_sparse_attention_dkv_tpu_bq{bq}_bk{bk}",
+          num_scalar_prefetch=4, grid=(b, kvh, nk, g, wb), in_specs=in_specs, out_specs=out_specs,
+          scratch_shapes=scratch),
+      out_shape=out_shape,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=sem),
+      cost_estimate=_cost(cfg, b, h, d, q.dtype.itemsize, "dkv_dq" if fused else "dkv"),
+      interpret=cfg.interpret_arg, name=f"block_sparse_attention_dkv_tpu_bq{bq}_bk{bk}",
   )(jnp.asarray(meta.dkv_q_index), jnp.asarray(meta.dkv_kind), jnp.asarray(meta.dkv_count),
     jnp.asarray(meta.dkv_block_id), *operands)
+  if fused:
+    dq = dq.reshape(q.shape)
+  else:
+    dq = _tpu_dq(cfg, q, k, v, qseg, kseg, lse, delta, do)
   return dq, dk, dv

@@ -26,8 +26,11 @@ table for ``masks.Explicit``), packing ``q_seg == kv_seg != 0`` when segment ids
 padding (lengths that do not divide the tile are padded, then sliced). Rows that see no key output 0 and get
 zero gradients (finite ``NEG_INF``; their logsumexp is stored as ``+1e30`` so the backward recomputes ``p = 0``).
 
-Gradients: ``jax.custom_vjp`` saving ``(q, k, v, o, logsumexp)``; ``delta = sum(o * do)`` in XLA; a dQ kernel
-and a dK/dV kernel (GQA: the dK/dV kernel reduces over the query heads of its kv head).
+Gradients: ``jax.custom_vjp`` saving ``(q, k, v, o, logsumexp)``; ``delta = sum(o * do)`` in XLA; a dK/dV kernel
+(GQA: it reduces over the query heads of its kv head) and a dQ kernel. On TPU the dK/dV kernel also computes dQ
+(``ds.T @ k`` into a whole-sequence VMEM accumulator) when that fits
+(:data:`kernels_pallas._block_sparse_tpu.FUSED_DQ_MAX_BYTES`): five matmuls per tile instead of 4 + 3, since a
+separate dQ pass recomputes the scores and dP.
 
 ``interpret=True`` runs the chosen backend's kernel in an interpreter on any host: TPU → ``pltpu.InterpretParams()``
 (or pass an instance), GPU → generic Pallas interpret. ``debug_counter=True`` returns ``(out, visits)`` where
