@@ -16,3 +16,6 @@ def test_sample_report_scores_the_generated_part_against_the_training_vocabulary
                           tokenizer="byte", prompt="ROMEO.\n")
   assert line.startswith("word share: 90.0% of 10 sample words"), line
   assert ws.sample_report(["x"], data_name="lm1b", tokenizer="byte", prompt="") is None
+  # a subword tokenizer's samples are decoded text too: scored the same way
+  assert ws.sample_report(["ROMEO.\nthe cat\n"], data_name="shakespeare", tokenizer="hf:tok.json",
+                          prompt="ROMEO.\n").startswith("word share: 100.0% of 2 sample words")
