@@ -234,7 +234,8 @@ def run_case(case: Case) -> dict:
     est = steps * overhead + rows[pass_] * sum(a["other"]) + counts["full"] * full + counts["partial"] * partial
     macs = case.tile * case.tile * case.head_dim * (MATMULS[pass_] + (1 if fused and pass_ == "dkv" else 0))
     floor_tile = macs // MACS_PER_CYCLE[case.gen]
-    out["passes"][pass_ + ("+dq" if fused and pass_ == "dkv" else "")] = {"full": full, "partial": partial, "overhead": overhead, "once_per_row": sum(a["other"]),
+    key = pass_ + ("+dq" if fused and pass_ == "dkv" else "")
+    out["passes"][key] = {"full": full, "partial": partial, "overhead": overhead, "once_per_row": sum(a["other"]),
                             "steps": steps, "estimate": est,
                             "floor": floor_tile * (counts["full"] + counts["partial"]), "floor_tile": floor_tile,
                             "vmem": _vmem_bytes(dump, prefix)}
@@ -286,7 +287,8 @@ def _table(results) -> None:
         ratio = f"{p['estimate'] / sum(theirs):.2f}" if all(theirs) else ""
       t = r["tiles"]
       print(f"{head} {case.impl:6} {pass_:6} {p['full']:6} {p['partial']:6} {p['overhead']:5} "
-            f"{t['full']:6}/{t['partial']:<6} {p['steps']:6} {p['estimate'] / 1e6:8.2f} {p['floor_tile']:6} {ratio:>13}")
+            f"{t['full']:6}/{t['partial']:<6} {p['steps']:6} {p['estimate'] / 1e6:8.2f} {p['floor_tile']:6} "
+            f"{ratio:>13}")
     ratio = ""
     if case.impl == "ardiff" and "passes" in other:
       ot = sum(p.get("estimate", 0) for p in other["passes"].values())

@@ -266,13 +266,37 @@ def _tpu_dkv_kernel(q_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, 
 
 
 # The fused backward keeps dQ of a whole (batch, kv head) in VMEM: an f32 accumulator plus the double-buffered output
-# block, ``groups * padded_q_len * d * (4 + 2 * itemsize)`` bytes. Up to this size it is used (T = 8192, d = 128,
-# bf16, no GQA: 8 MiB); beyond, a separate dQ pass runs (it recomputes the scores and dP per tile).
-FUSED_DQ_MAX_BYTES = 8 << 20
+# block (head dims below 128 take 128 lanes). It is used up to a quarter of the core's VMEM (v5e/v6e 128 MiB, v5p
+# 64 MiB, v4 16 MiB; off-TPU, as in interpret mode, 16 MiB is assumed); beyond, a separate dQ pass runs (it
+# recomputes the scores and dP per tile). ``FUSED_DQ_MAX_BYTES`` overrides that budget when set.
+FUSED_DQ_MAX_BYTES = None
+_DEFAULT_SCOPED_VMEM = 16 << 20  # the smallest default scoped-VMEM limit among v4/v5e/v5p/v6e
 
 
 def fused_dq_bytes(groups: int, padded_q_len: int, head_dim: int, itemsize: int) -> int:
-  return groups * padded_q_len * head_dim * (4 + 2 * itemsize)
+  lanes = -(-head_dim // LANES) * LANES
+  return groups * padded_q_len * lanes * (4 + 2 * itemsize)
+
+
+def _vmem_capacity() -> int:
+  try:
+    return int(pltpu.get_tpu_info().vmem_capacity_bytes)
+  except Exception:  # noqa: BLE001 - not targeting a TPU (interpret mode on CPU): assume the smallest
+    return 16 << 20
+
+
+def _fused_dq_plan(groups: int, padded_q_len: int, head_dim: int, itemsize: int):
+  """(fuse dQ into the dK/dV pass?, vmem_limit_bytes for that call or None for the default)."""
+  need = fused_dq_bytes(groups, padded_q_len, head_dim, itemsize)
+  capacity = _vmem_capacity()
+  budget = capacity // 4 if FUSED_DQ_MAX_BYTES is None else FUSED_DQ_MAX_BYTES
+  if need > budget:
+    return False, None
+  # Tiles, their double buffers and Mosaic's internal scratch take up to ~8 MiB at 512 tiles; raise the limit only
+  # when the accumulator would crowd the default one.
+  if need + (8 << 20) <= _DEFAULT_SCOPED_VMEM:
+    return True, None
+  return True, min(capacity * 3 // 4, need + (16 << 20))
 
 
 def _tpu_dq(cfg: _Config, q, k, v, qseg, kseg, lse, delta, do):
@@ -307,13 +331,13 @@ def _tpu_dq(cfg: _Config, q, k, v, qseg, kseg, lse, delta, do):
 
 def _tpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
   """(dq, dk, dv). One pass over the kv tiles computes dK/dV and, when its whole-sequence accumulator fits VMEM
-  (:data:`FUSED_DQ_MAX_BYTES`), dQ too; otherwise dQ runs as a separate pass."""
+  (:func:`_fused_dq_plan`), dQ too; otherwise dQ runs as a separate pass."""
   meta = cfg.meta
   b, h, tp, d = q.shape
   kvh = k.shape[1]
   bq, bk, g = cfg.block_q, cfg.block_kv, cfg.groups
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [b, h, Tp]
-  fused = fused_dq_bytes(g, tp, d, q.dtype.itemsize) <= FUSED_DQ_MAX_BYTES
+  fused, vmem_limit = _fused_dq_plan(g, tp, d, q.dtype.itemsize)
 
   # Grid over kv tiles, reducing over (query heads of the group, listed query tiles).
   nk, wb = meta.num_kv_tiles, meta.dkv_width
@@ -347,7 +371,7 @@ def _tpu_bwd(cfg: _Config, q, k, v, qseg, kseg, o, lse, do):
           num_scalar_prefetch=4, grid=(b, kvh, nk, g, wb), in_specs=in_specs, out_specs=out_specs,
           scratch_shapes=scratch),
       out_shape=out_shape,
-      compiler_params=pltpu.CompilerParams(dimension_semantics=sem),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=sem, vmem_limit_bytes=vmem_limit),
       cost_estimate=_cost(cfg, b, h, d, q.dtype.itemsize, "dkv_dq" if fused else "dkv"),
       interpret=cfg.interpret_arg, name=f"block_sparse_attention_dkv_tpu_bq{bq}_bk{bk}",
   )(jnp.asarray(meta.dkv_q_index), jnp.asarray(meta.dkv_kind), jnp.asarray(meta.dkv_count),

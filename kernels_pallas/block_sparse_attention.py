@@ -28,9 +28,9 @@ zero gradients (finite ``NEG_INF``; their logsumexp is stored as ``+1e30`` so th
 
 Gradients: ``jax.custom_vjp`` saving ``(q, k, v, o, logsumexp)``; ``delta = sum(o * do)`` in XLA; a dK/dV kernel
 (GQA: it reduces over the query heads of its kv head) and a dQ kernel. On TPU the dK/dV kernel also computes dQ
-(``ds.T @ k`` into a whole-sequence VMEM accumulator) when that fits
-(:data:`kernels_pallas._block_sparse_tpu.FUSED_DQ_MAX_BYTES`): five matmuls per tile instead of 4 + 3, since a
-separate dQ pass recomputes the scores and dP.
+(``ds.T @ k`` into a whole-sequence VMEM accumulator) when that fits (up to a quarter of the core's VMEM,
+:func:`kernels_pallas._block_sparse_tpu._fused_dq_plan`): five matmuls per tile instead of 4 + 3, since a separate
+dQ pass recomputes the scores and dP.
 
 ``interpret=True`` runs the chosen backend's kernel in an interpreter on any host: TPU → ``pltpu.InterpretParams()``
 (or pass an instance), GPU → generic Pallas interpret. ``debug_counter=True`` returns ``(out, visits)`` where

@@ -118,7 +118,7 @@ def test_tpu_split_dq_pass_matches_reference(monkeypatch):
   """Where the fused dQ accumulator would not fit VMEM, dQ runs as its own pass: same results (GQA, packing)."""
   from kernels_pallas import _block_sparse_tpu
   monkeypatch.setattr(_block_sparse_tpu, "FUSED_DQ_MAX_BYTES", 0)
-  q, k, v, w = _inputs(7, 1, 256, 256, 4, 2, 32, jnp.float32)
+  q, k, v, w = _inputs(7, 1, 256, 256, 2, 1, 32, jnp.float32)
   seg = _packed_segments(np.random.default_rng(1), 1, 256)
   kern = functools.partial(block_sparse_attention, mask=masks.BD3(128, 16), q_segment_ids=seg, kv_segment_ids=seg,
                            backend="tpu", interpret=True, block_q=128, block_kv=128)
