@@ -229,6 +229,8 @@ class TrainConfig(_Section):
   keep_checkpoints: int = 2
   num_samples: int = 4  # texts generated at the end of the run (0 = none)
   sample_tokens: int = 128  # new tokens per sample, capped to data.seq_len minus the prompt
+  sample_temperature: float = 1.0  # the end-of-run samples' temperature (0 = greedy) and top-p
+  sample_top_p: float = 0.9
   resume: bool = True
   init_from: str = ""
 
@@ -237,6 +239,9 @@ class TrainConfig(_Section):
     _at_least("train", self, ("batch_size", "num_steps", "log_every", "eval_every", "save_every",
                               "keep_checkpoints"), 1)
     _at_least("train", self, ("seed", "eval_batches", "num_samples", "sample_tokens"), 0)
+    if self.sample_temperature < 0 or not 0 < self.sample_top_p <= 1:
+      raise ValueError(f"train.sample_temperature={self.sample_temperature} must be >= 0 (0 = greedy) and "
+                       f"train.sample_top_p={self.sample_top_p} in (0, 1].")
     if not self.run_dir.strip():
       raise ValueError("train.run_dir is empty; give the directory to write the run to, e.g. "
                        "--config.train.run_dir=runs/my_run.")

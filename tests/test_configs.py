@@ -122,6 +122,7 @@ def test_make_mesh_takes_the_experiment():
     ("objective", "kind", "mdlm", "objective.kind='mdlm' must be one of"),
     ("model", "mask_token_id", 999, "mask_token_id=999 must lie in"),
     ("train", "num_samples", -1, r"train.num_samples=-1 must be >= 0"),
+    ("train", "sample_top_p", 0.0, r"train.sample_top_p=0.0 in \(0, 1\]"),
 ])
 def test_bad_values_are_explained(section, key, value, message):
   d = experiment.base_config().to_dict()  # a plain dict: e.g. JSON may hold a "128" that a ConfigDict would refuse

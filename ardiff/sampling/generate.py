@@ -82,8 +82,9 @@ def generate(sampler: str, params, model, prompt, prompt_lengths, *, rng, num_to
 
 
 def generate_for_experiment(params, model, exp, tok, *, num_samples: int, num_tokens: int, rng,
-                            prompt: str = DEFAULT_PROMPT) -> list:
-  """``num_samples`` texts of about ``num_tokens`` new tokens from the family's own sampler.
+                            prompt: str = DEFAULT_PROMPT, temperature: float = 1.0, top_p: float = 0.9) -> list:
+  """``num_samples`` texts of about ``num_tokens`` new tokens from the family's own sampler (``temperature``,
+  ``top_p``: the trainer passes ``train.sample_temperature`` / ``train.sample_top_p``).
 
   ``num_tokens`` is capped to the model's context (``exp.data.seq_len`` minus the prompt): positions past the
   training length are out of distribution, so samples there would read as noise (the trainer's ``train.sample_tokens``
@@ -99,7 +100,7 @@ def generate_for_experiment(params, model, exp, tok, *, num_samples: int, num_to
   options = dict(strategy="topk_confidence") if sampler == "block_diffusion" else {}
   res = generate(sampler, params, model, np.tile(np.asarray(ids, np.int32), (num_samples, 1)),
                  np.full(num_samples, len(ids)), rng=rng, num_tokens=num_tokens, objective=exp.objective,
-                 temperature=1.0, top_p=0.9, eos_id=tok.eos_id, **options)
+                 temperature=temperature, top_p=top_p, eos_id=tok.eos_id, **options)
   text_prompt = tok.decode(ids)
   return [text_prompt + tok.decode([int(t) for t in row[:n]])
           for row, n in zip(np.asarray(res.tokens), np.asarray(res.lengths))]

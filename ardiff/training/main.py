@@ -302,7 +302,8 @@ def write_samples(params, model, exp, tok, run_dir) -> str:
     return discrete.write_samples(params, model, exp, run_dir_lib.as_path(run_dir), sampling=generate_lib)
   from ardiff.sampling.generate import generate_for_experiment
   texts = generate_for_experiment(params, model, exp, tok, num_samples=exp.train.num_samples,
-                                  num_tokens=exp.train.sample_tokens, rng=jax.random.key(0))
+                                  num_tokens=exp.train.sample_tokens, rng=jax.random.key(0),
+                                  temperature=exp.train.sample_temperature, top_p=exp.train.sample_top_p)
   body = "\n\n".join(f"--- sample {i} ---\n{t}" for i, t in enumerate(texts))
   from ardiff.data.word_share import sample_report
   from ardiff.sampling.generate import DEFAULT_PROMPT
