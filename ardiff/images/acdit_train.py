@@ -3,8 +3,12 @@
 The run directory has the text runs' layout: ``checkpoints/`` (orbax: ``{params, opt_state, step}`` + the grain
 iterator + config; resume continues bit-identically), ``metrics.jsonl`` (train loss every ``train.log_every``
 steps; ``eval/flow_loss`` on the test split every ``train.eval_every``, with fixed noise so evaluations compare),
-``config.json`` and, at the end, ``samples.png`` (one row per class, guided at ``image.cfg_scale``). The model is
-small enough for one device: it runs unsharded (``mesh`` is not used).
+``config.json`` and, at the end, ``samples.png`` (one row per class, guided at ``image.cfg_scale``).
+
+Parallelism: data parallel over the ``mesh`` section's ``data`` axis (the text trainer's mesh, :mod:`ardiff.sharding`):
+the parameters and optimizer state are replicated, each batch is split over ``data`` (every process reads its own
+shard of the split, like the text pipeline) and the gradient is summed across devices by the compiler. The model is
+small (about 1M parameters), so ``fsdp`` and ``tensor`` are refused rather than emulated.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ardiff import sharding as sharding_lib
 from ardiff.checkpoints import checkpointer as checkpoint_lib
 from ardiff.checkpoints import run_dir as run_dir_lib
 from ardiff.images import data as data_lib
@@ -65,16 +70,40 @@ def make_model(exp) -> ACDiT:
   return ACDiT(exp.model, patch_dim=exp.image.patch_size ** 2)
 
 
-def batches(exp, split: str, batch_size: int, *, seed: int, shuffle: bool, num_epochs=None):
+def batches(exp, split: str, batch_size: int, *, seed: int, shuffle: bool, num_epochs=None, shard_index: int = 0,
+            shard_count: int = 1):
+  """grain iterator of this process's rows (``batch_size // shard_count``) of global batches of ``split``."""
   im = exp.image
   images, labels = data_lib.load_images(im.dataset, split, size=im.size, data_dir=im.data_dir, source=im.source)
   return data_lib.make_dataset(images, labels, ContinuousTransform(dataset=im.dataset, patch_size=im.patch_size),
-                               seed=seed, batch_size=batch_size, shuffle=shuffle, num_epochs=num_epochs)
+                               seed=seed, batch_size=batch_size, shuffle=shuffle, num_epochs=num_epochs,
+                               shard_index=shard_index, shard_count=shard_count)
 
 
-def _state(exp, model, tx):
+def make_mesh(exp, devices=None):
+  """``(mesh, replicated, batch_sharding)`` for data-parallel training over the ``mesh`` section (``devices``:
+  default all)."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  mesh = sharding_lib.make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor, devices=devices)
+  if mesh.shape["fsdp"] != 1 or mesh.shape["tensor"] != 1:
+    raise NotImplementedError(f"continuous image runs are data parallel only; got mesh fsdp={mesh.shape['fsdp']}, "
+                              f"tensor={mesh.shape['tensor']}. Set mesh.fsdp=1 and mesh.tensor=1 (mesh.data=-1 uses "
+                              "every device).")
+  if exp.train.batch_size % mesh.shape["data"]:
+    raise ValueError(f"train.batch_size={exp.train.batch_size} must be divisible by the mesh's data axis "
+                     f"({mesh.shape['data']} devices).")
+  return mesh, NamedSharding(mesh, PartitionSpec()), sharding_lib.batch_sharding(mesh)
+
+
+def put_batch(batch, batch_sharding):
+  """This process's rows of a batch -> global arrays split over the batch sharding."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, np.asarray(x)), batch)
+
+
+def _state(exp, model, tx, replicated=None):
   params = init_params(model, jax.random.key(exp.train.seed), exp.image.num_tokens)
-  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  return state if replicated is None else jax.device_put(state, replicated)
 
 
 def _abstract(state):
@@ -99,14 +128,18 @@ def make_step(model, tx, exp):
   return step
 
 
-def evaluate(params, model, exp, *, max_batches: int) -> float:
-  """Mean flow loss over the test split with fixed noise (comparable across steps and runs)."""
+def evaluate(params, model, exp, *, max_batches: int, batch_sharding=None) -> float:
+  """Mean flow loss over the test split with fixed noise (comparable across steps and runs); ``batch_sharding``
+  splits each batch as in training."""
   fn = jax.jit(lambda p, b, r: flow.flow_loss(p, b, r, model=model, block_size=exp.objective.block_size,
                                               label_dropout=0.0)[0])
+  shard = {} if batch_sharding is None else {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
   total, n = 0.0, 0
-  for i, batch in enumerate(batches(exp, "test", exp.train.batch_size, seed=0, shuffle=False, num_epochs=1)):
+  for i, batch in enumerate(batches(exp, "test", exp.train.batch_size, seed=0, shuffle=False, num_epochs=1,
+                                    **shard)):
     if i >= max_batches:
       break
+    batch = batch if batch_sharding is None else put_batch(batch, batch_sharding)
     total += float(fn(params, batch, jax.random.key(1000 + i)))
     n += 1
   if n == 0:
@@ -123,8 +156,10 @@ def train(exp, *, progress: bool = True, stop_after: Optional[int] = None) -> di
   if exp.optimizer.grad_accum_steps != 1 or exp.optimizer.ema_decay:
     raise NotImplementedError("continuous image runs do not implement optimizer.grad_accum_steps > 1 or "
                               "optimizer.ema_decay; set them to 1 and 0.")
-  state = _state(exp, model, tx)
-  train_iter = iter(batches(exp, "train", tcfg.batch_size, seed=tcfg.seed, shuffle=True))
+  _, replicated, batch_sh = make_mesh(exp)
+  state = _state(exp, model, tx, replicated)
+  train_iter = iter(batches(exp, "train", tcfg.batch_size, seed=tcfg.seed, shuffle=True,
+                            shard_index=jax.process_index(), shard_count=jax.process_count()))
   ckpt = checkpoint_lib.Checkpointer(run_dir / run_dir_lib.CHECKPOINTS, max_to_keep=tcfg.keep_checkpoints,
                                      save_every=tcfg.save_every)
   start = 0
@@ -140,7 +175,7 @@ def train(exp, *, progress: bool = True, stop_after: Optional[int] = None) -> di
     last, t0 = {}, time.time()
     save = lambda s, **kw: ckpt.save(s, state, data_iter=train_iter, config_dict=exp.raw.to_dict(), **kw)
     for i in range(start, num_steps):
-      state, metrics = step_fn(state, next(train_iter))
+      state, metrics = step_fn(state, put_batch(next(train_iter), batch_sh))
       done = i + 1
       if bool(metrics["nonfinite"]):
         save(i, force=True)
@@ -155,7 +190,7 @@ def train(exp, *, progress: bool = True, stop_after: Optional[int] = None) -> di
         if progress:
           print(f"step {done}/{tcfg.num_steps}: loss={last['loss']:.4f}", flush=True)
       if done % tcfg.eval_every == 0 or done == tcfg.num_steps:
-        ev = evaluate(state["params"], model, exp, max_batches=max(tcfg.eval_batches, 1))
+        ev = evaluate(state["params"], model, exp, max_batches=max(tcfg.eval_batches, 1), batch_sharding=batch_sh)
         log.write({"step": done, "eval/flow_loss": ev})
         last["eval/flow_loss"] = ev
         print(f"step {done}: eval flow loss {ev:.4f}", flush=True)
