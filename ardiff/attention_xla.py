@@ -39,6 +39,10 @@ from kernels_pallas.reference import allowed_bqk, check_shapes, reference_attent
 
 TILES = (16, 32, 64, 128, 256, 512)
 GROUP_OVERHEAD = 512  # score entries (per batch row and head) one more group costs in op overheads (CPU-measured)
+# Each group is its own dots and softmax in the program: at 2L = 4096 the cheapest plan by score entries alone has
+# 128 groups per layer, which took the TPU compiler minutes (the 1B config's compile check) for a path whose point is
+# fewer entries. Plans are limited to tilings of at most this many query tiles.
+MAX_GROUPS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +132,9 @@ def _plan_for_tile(mask: masks_lib.Mask, q_len: int, kv_len: int, tile: int) -> 
 
 @functools.lru_cache(maxsize=64)
 def plan(mask: masks_lib.Mask, q_len: int, kv_len: int) -> Plan:
-  """The cheapest tiling (by :data:`GROUP_OVERHEAD`-weighted score entries) of ``mask`` at these lengths."""
-  candidates = [t for t in TILES if t < max(q_len, kv_len)] or [TILES[0]]
+  """The cheapest tiling (by :data:`GROUP_OVERHEAD`-weighted score entries) of ``mask`` at these lengths, among
+  tiles that cut the queries into at most :data:`MAX_GROUPS` tiles."""
+  candidates = [t for t in TILES if t < max(q_len, kv_len) and -(-q_len // t) <= MAX_GROUPS]
   candidates.append(max(q_len, kv_len))  # one tile: the dense computation (minus empty rows / diagonal runs)
   return min((_plan_for_tile(mask, q_len, kv_len, t) for t in candidates), key=lambda p: (p.cost, len(p.groups)))
 

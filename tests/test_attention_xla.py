@@ -99,6 +99,15 @@ def test_plan_bd3_structure():
   assert computed < 0.5 * dense.size
 
 
+def test_plan_of_a_long_sequence_stays_a_few_groups():
+  """At 2L = 4096 the entry-count optimum is 128 groups, each its own dots and softmax (a TPU compile of minutes);
+  the plan keeps at most MAX_GROUPS and still computes under 30% of the dense scores (25% are allowed)."""
+  plan = attention_xla.plan(masks.BD3(2048, 16), 4096, 4096)
+  assert len(plan.groups) <= attention_xla.MAX_GROUPS
+  assert plan.cost < 0.3 * 4096 ** 2
+  assert attention_xla.plan(masks.BD3(128, 4), 256, 256).tile == 32  # short sequences keep their small tiles
+
+
 def test_routing_xla_impl_uses_tiled_path_and_cache_uses_reference():
   q, k, v, _ = _inputs(1, 2, 32, 4, 2, 8, jnp.float32)
   mask = masks.BD3(16, 4)
