@@ -188,41 +188,63 @@ def tiled_attention(q, k, v, *, mask: masks_lib.Mask, q_segment_ids=None, kv_seg
                     logit_soft_cap=None, tile: Optional[int] = None) -> jax.Array:
   """The plan's row groups, each one softmax over its key runs; float32 scores and accumulation.
 
-  ``tile`` forces a tile size (tests exercise the grouping at small shapes); default: :func:`plan`'s choice."""
+  ``tile`` forces a tile size (tests exercise the grouping at small shapes); default: :func:`plan`'s choice.
+  q, k and v are transposed head-major once (``[batch, kv_heads, group, length, head_dim]``), so every group's
+  slices are contiguous rows and its dots batch over leading axes: XLA:CPU otherwise copies each group's operands
+  into that layout, once per group and again in the backward pass."""
   b, t, h, d = q.shape
   s_len, kvh = k.shape[1], k.shape[2]
   g = h // kvh
   scale = d ** -0.5 if sm_scale is None else sm_scale
   p_lan = plan(mask, t, s_len) if tile is None else _plan_for_tile(mask, t, s_len, int(tile))
-  qg = q.reshape(b, t, kvh, g, d)
+  qh = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4)
+  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, kv_len, head_dim]
   pv_dtype = jnp.float32 if (v.dtype == jnp.float32 or jax.default_backend() == "cpu") else v.dtype
   outs, covered = [], 0
+  zeros = lambda rows: jnp.zeros((b, kvh, g, rows, d), q.dtype)
   for grp in p_lan.groups:
     if grp.row_start > covered:
-      outs.append(jnp.zeros((b, grp.row_start - covered, h, d), q.dtype))
-    outs.append(_group_attention(qg, k, v, grp, q_segment_ids, kv_segment_ids, scale, logit_soft_cap, pv_dtype))
+      outs.append(zeros(grp.row_start - covered))
+    outs.append(_group_attention(qh, kh, vh, grp, q_segment_ids, kv_segment_ids, scale, logit_soft_cap, pv_dtype))
     covered = grp.row_stop
   if covered < t:
-    outs.append(jnp.zeros((b, t - covered, h, d), q.dtype))
-  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    outs.append(zeros(t - covered))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def _group_attention(qg, k, v, grp: Group, q_seg, kv_seg, scale, soft_cap, pv_dtype):
-  b, _, kvh, g, d = qg.shape
+def _run_blocks(run: Run, rows: int) -> int:
+  """How many aligned diagonal blocks a run splits into: ``rows / period`` for a block-diagonal run (row block i
+  sees key block i only), 1 for a plain run (every row may see every key of the run)."""
+  return rows // run.period if run.period else 1
+
+
+def _run_scores(q_rows, k_run, n):
+  """``q_rows [b, kvh, g, rows, d]``, ``k_run [b, kvh, width, d]`` -> float32 ``[b, kvh, g, rows, width / n]``:
+  rows and keys cut into ``n`` aligned blocks, block i's rows scored against block i's keys only."""
+  b, kvh, g, rows, d = q_rows.shape
+  sc = jnp.einsum("bkgnid,bknjd->bkgnij", q_rows.reshape(b, kvh, g, n, rows // n, d),
+                  k_run.reshape(b, kvh, n, -1, d), preferred_element_type=jnp.float32)
+  return sc.reshape(b, kvh, g, rows, -1)
+
+
+def _run_values(p_run, v_run, n):
+  """The transpose of :func:`_run_scores`: ``p_run [b, kvh, g, rows, width / n]`` . ``v_run [b, kvh, width, d]``
+  -> float32 ``[b, kvh, g, rows, d]``."""
+  b, kvh, g, rows, w = p_run.shape
+  o = jnp.einsum("bkgnij,bknjd->bkgnid", p_run.reshape(b, kvh, g, n, rows // n, w),
+                 v_run.reshape(b, kvh, n, w, -1), preferred_element_type=jnp.float32)
+  return o.reshape(b, kvh, g, rows, -1)
+
+
+def _group_attention(qh, kh, vh, grp: Group, q_seg, kv_seg, scale, soft_cap, pv_dtype):
+  """One row group: ``[b, kvh, g, rows, d]`` (head-major operands, see :func:`tiled_attention`)."""
+  b = qh.shape[0]
   r0, r1 = grp.row_start, grp.row_stop
   rows = r1 - r0
-  q_rows = qg[:, r0:r1]
-  scores, allowed = [], []
-  for run in grp.runs:
-    kr = k[:, run.start:run.stop]
-    if run.period:
-      n, p = rows // run.period, run.period
-      sc = jnp.einsum("bnikgd,bnjkd->bkgnij", q_rows.reshape(b, n, p, kvh, g, d), kr.reshape(b, n, p, kvh, d),
-                      preferred_element_type=jnp.float32).reshape(b, kvh, g, rows, p)
-    else:
-      sc = jnp.einsum("btkgd,bskd->bkgts", q_rows, kr, preferred_element_type=jnp.float32)
-    scores.append(sc)
-    allowed.append(_run_allowed(run, r0, rows, q_seg, kv_seg))
+  q_rows = qh[:, :, :, r0:r1]
+  scores = [_run_scores(q_rows, kh[:, :, run.start:run.stop], _run_blocks(run, rows)) for run in grp.runs]
+  allowed = [_run_allowed(run, r0, rows, q_seg, kv_seg) for run in grp.runs]
   sc = scores[0] if len(scores) == 1 else jnp.concatenate(scores, axis=-1)
   sc = sc * scale
   if soft_cap is not None:
@@ -242,17 +264,10 @@ def _group_attention(qg, k, v, grp: Group, q_seg, kv_seg, scale, soft_cap, pv_dt
   out, col = 0.0, 0
   for run, sc_run in zip(grp.runs, scores):
     width = sc_run.shape[-1]
-    p_run = p[..., col:col + width]
+    out = out + _run_values(p[..., col:col + width], vh[:, :, run.start:run.stop].astype(pv_dtype),
+                            _run_blocks(run, rows))
     col += width
-    vr = v[:, run.start:run.stop].astype(pv_dtype)
-    if run.period:
-      n, per = rows // run.period, run.period
-      o = jnp.einsum("bkgnij,bnjkd->bnikgd", p_run.reshape(b, kvh, g, n, per, per), vr.reshape(b, n, per, kvh, d),
-                     preferred_element_type=jnp.float32).reshape(b, rows, kvh, g, d)
-    else:
-      o = jnp.einsum("bkgts,bskd->btkgd", p_run, vr, preferred_element_type=jnp.float32)
-    out = out + o
-  return out.reshape(b, rows, kvh * g, d).astype(qg.dtype)
+  return out.astype(qh.dtype)
 
 
 def _run_allowed(run: Run, r0: int, rows: int, q_seg, kv_seg):
