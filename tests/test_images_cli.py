@@ -41,6 +41,9 @@ def test_continuous_acdit_train_then_sample(tmp_path, capsys):
   assert cli.main(["ardiff", "train", "--config", "configs/fashion_acdit.py:dataset=digits",
                    f"--config.train.run_dir={run}", "--config.image.denoise_steps=2", *TINY]) == 0
   assert os.path.isdir(run / "checkpoints") and (run / "config.json").exists()
-  assert cli.main(["ardiff", "sample", "--checkpoint", str(run), "--num_samples", "3", "--steps_per_block", "2",
-                   "--cfg_scale", "1.5", "--no-warmup"]) == 0
+  config = json.loads((run / "config.json").read_text())
+  config["train"]["num_samples"] = 3  # without --num_samples the grid has the run's train.num_samples per class
+  (run / "config.json").write_text(json.dumps(config))
+  assert cli.main(["ardiff", "sample", "--checkpoint", str(run), "--steps_per_block", "2", "--cfg_scale", "1.5",
+                   "--no-warmup"]) == 0
   assert _png_shape(run / "samples.png") == (10 * 33 + 1, 3 * 33 + 1)

@@ -4,7 +4,8 @@
 with their family's sampler (AR, or block diffusion with the exact KV cache and BD3's exact first-hitting rule,
 ``--steps_per_block`` to commit several tokens per step); continuous (ACDiT) runs with ``--steps_per_block`` Euler
 steps per block (default ``image.denoise_steps``), guidance ``--cfg_scale`` (default ``image.cfg_scale``) and
-``--kv_write``. ``--num_samples`` is per class. Prints the PNG's path and the timed generation's images/s.
+``--kv_write``. ``--num_samples`` is per class (default: the run's ``train.num_samples``, the grid its training
+wrote). Prints the PNG's path and the timed generation's images/s.
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ def sample(args, *, sampling) -> int:
   from ardiff.images import acdit_train, discrete
 
   config, _ = run_dir_lib.read_config(args.run_dir)
+  per_class = args.num_samples or config.train.num_samples or 1
   if config.image.kind == "continuous":
     exp, model, params = acdit_train.load(args.run_dir)
     write = lambda rng, out: acdit_train.write_samples(
-        params, model, exp, args.run_dir, per_class=args.num_samples, rng=rng, cfg_scale=args.cfg_scale,
+        params, model, exp, args.run_dir, per_class=per_class, rng=rng, cfg_scale=args.cfg_scale,
         steps=args.steps_per_block, kv_write=args.kv_write, out=out)
   else:
     exp, model, params = run_dir_lib.load_run(args.run_dir, use_ema=args.ema)
     write = lambda rng, out: discrete.write_samples(
-        params, model, exp, run_dir_lib.as_path(args.run_dir), out=out, per_class=args.num_samples, rng=rng,
+        params, model, exp, run_dir_lib.as_path(args.run_dir), out=out, per_class=per_class, rng=rng,
         sampling=sampling, steps_per_block=args.steps_per_block,
         temperature=1.0 if getattr(args, "temperature", None) is None else args.temperature)
   out = run_dir_lib.as_path(args.out) if args.out else None
@@ -51,7 +53,7 @@ def sample(args, *, sampling) -> int:
   start = time.perf_counter()
   line = write(jax.random.key(args.seed), out)
   seconds = time.perf_counter() - start
-  n = 10 * args.num_samples
+  n = 10 * per_class
   print(line)
   print(f"images={n} time={seconds:.3f}s images_per_s={n / seconds:.2f}"
         + ("" if args.warmup else " (compilation included)"))

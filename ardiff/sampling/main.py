@@ -43,7 +43,8 @@ def parse_args(argv):
                  help="auto: the family the run was trained as (block diffusion, TiDAR draft+verify, or AR)")
   p.add_argument("--num_tokens", type=int, default=None,
                  help="new tokens per sample (default: the rest of the context, data.seq_len - prompt tokens)")
-  p.add_argument("--num_samples", type=int, default=1)
+  p.add_argument("--num_samples", type=int, default=None,
+                 help="samples (default 1); image runs: per class (default: the run's train.num_samples)")
   p.add_argument("--chat", default=None, metavar="QUESTION",
                  help="a user turn rendered with the model's chat template (tokenizer_config.json); generation "
                       "stops at the template's end token. Replaces --prompt")
@@ -137,12 +138,13 @@ def main(argv) -> int:
   from ardiff.checkpoints.run_dir import load_run
 
   args = parse_args(argv)
-  if args.num_samples < 1:
+  if args.num_samples is not None and args.num_samples < 1:
     raise UsageError(f"--num_samples={args.num_samples} must be >= 1.")
   from ardiff.images import main as images_main
   if images_main.is_image_run(args.run_dir):  # image runs: a PNG grid (ardiff/images/main.py)
     from ardiff.sampling import generate as generate_lib
     return images_main.sample(args, sampling=generate_lib)
+  args.num_samples = args.num_samples or 1
   exp, model, params = load_run(args.run_dir, use_ema=args.ema)
   decoding = family_defaults.read_decoding(args.run_dir)  # an imported family's sampler defaults
   family_defaults.fill(args, decoding)
