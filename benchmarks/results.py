@@ -284,8 +284,26 @@ def write_markdown(args, runs, rows, path, plot_name):
                                                                            "characters)", ""]
   for r in (r for r in rows if r["batch"] == 1):
     lines.append(f"- **{r['sampler']}**: `{r['sample']!r}`")
+  lines += kept_sections(path)
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
+
+
+KEPT = ("## Default run", "## Confidence distillation")  # written by benchmarks/default_run.py and distill.py runs
+
+
+def kept_sections(path) -> list:
+  """The sections of an existing results file that other benchmarks measured (``KEPT``), carried over verbatim so
+  a rerun of this script does not drop them."""
+  if not os.path.exists(path):
+    return []
+  out, keep = [], False
+  for line in open(path).read().splitlines():
+    if line.startswith("## "):
+      keep = line.startswith(KEPT)
+    if keep:
+      out.append(line)
+  return out
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,106 @@
+"""The default run's levers (issue 16: word share >= 70% within 6 min on 2 CPU cores): each lever is one full
+``python -m ardiff train`` run (data preparation into a fresh directory included, BPE training too where the lever
+has one), timed, then scored the way samples.txt is, on more samples.
+
+    python benchmarks/default_run.py --out runs/levers byte bpe1024      # train + score the named levers
+    python benchmarks/default_run.py --out runs/levers --score_only ...  # rescore finished runs
+
+Per lever: wall time and CPU time (user + sys of the training process; on a shared box the CPU time is the fairer
+figure: 2 dedicated cores give at most 2 CPU-seconds per second), the final validation NELBO per token and per byte
+(tokens/byte of the validation split under the lever's tokenizer), and the word share of ``--num_samples`` samples
+from the end-of-run sampler (top-1 confidence, 128 new tokens after "ROMEO.\\n", seed 0) at each ``--temperatures``
+(top-p 0.9). Rows go to ``OUT/levers.json`` and a markdown table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+# lever -> `ardiff train` arguments (byte: configs/default.py; bpe1024: configs/default_bpe.py, the vendored BPE)
+BPE = ["--config", os.path.join(ROOT, "configs", "default_bpe.py")]
+LEVERS = {
+    "byte": [],
+    "byte_lr1e-2": ["--config.optimizer.learning_rate=0.01"],
+    "bpe1024": BPE,
+    "bpe1024_lr1e-2": BPE + ["--config.optimizer.learning_rate=0.01"],
+}
+
+
+def train_lever(name: str, out: str) -> dict:
+  run_dir, data_dir = os.path.join(out, name), os.path.join(out, name + "_tfds")
+  cmd = [sys.executable, "-m", "ardiff", "train", *LEVERS[name], f"--config.train.run_dir={run_dir}",
+         f"--config.data.data_dir={data_dir}", "--noprogress"]
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  t0 = time.perf_counter()
+  subprocess.run(cmd, check=True, cwd=ROOT)
+  wall = time.perf_counter() - t0
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+  return dict(lever=name, run_dir=run_dir, wall_s=wall, cpu_s=cpu, overrides=" ".join(LEVERS[name]))
+
+
+def score(row: dict, temperatures, num_samples: int) -> dict:
+  import jax
+
+  from ardiff.data import make_tokenizer, shakespeare
+  from ardiff.data.word_share import shakespeare_vocabulary, word_share
+  from ardiff.sampling.generate import DEFAULT_PROMPT, generate_for_experiment
+  from ardiff.training.main import load_run
+
+  exp, model, params = load_run(row["run_dir"])
+  tok = make_tokenizer(exp.data.tokenizer)
+  evals = [json.loads(line) for line in open(os.path.join(row["run_dir"], "metrics.jsonl"))]
+  nelbo = [e["eval/nelbo_per_token"] for e in evals if "eval/nelbo_per_token" in e][-1]
+  val = b"".join(d for _, d in shakespeare.read_corpus_files()[-shakespeare.NUM_VALIDATION_FILES:])
+  text = val.decode("utf-8", errors="replace")
+  tokens_per_byte = len(tok.encode(text)) / len(val)
+  row.update(nelbo_per_token=nelbo, nelbo_per_byte=nelbo * tokens_per_byte, tokens_per_byte=tokens_per_byte)
+  shares = {}
+  for t in temperatures:
+    texts = generate_for_experiment(params, model, exp, tok, num_samples=num_samples,
+                                    num_tokens=exp.train.sample_tokens, rng=jax.random.key(0), temperature=t)
+    gen = [s[len(DEFAULT_PROMPT):] for s in texts]
+    shares[str(t)] = word_share(gen, shakespeare_vocabulary())[0]
+    row.setdefault("sample", {})[str(t)] = gen[0][:200]
+  row["word_share"] = shares
+  return row
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("levers", nargs="+", choices=sorted(LEVERS))
+  p.add_argument("--out", default="runs/levers")
+  p.add_argument("--score_only", action="store_true")
+  p.add_argument("--temperatures", default="1.0,0.8,0.6")
+  p.add_argument("--num_samples", type=int, default=16)
+  args = p.parse_args(argv)
+  temps = [float(t) for t in args.temperatures.split(",")]
+  path = os.path.join(args.out, "levers.json")
+  os.makedirs(args.out, exist_ok=True)
+  rows = json.load(open(path)) if os.path.exists(path) else {}
+  for name in args.levers:
+    if not args.score_only or name not in rows:
+      rows[name] = train_lever(name, args.out)
+    rows[name] = score(rows[name], temps, args.num_samples)
+    json.dump(rows, open(path, "w"), indent=1)
+  print("| lever | NELBO nats/token | nats/byte | wall (s) | CPU (s) | " +
+        " | ".join(f"word share T={t}" for t in temps) + " |")
+  print("|---|---|---|---|---|" + "---|" * len(temps))
+  for r in rows.values():
+    print(f"| {r['lever']} | {r['nelbo_per_token']:.3f} | {r['nelbo_per_byte']:.3f} | {r['wall_s']:.0f} | "
+          f"{r['cpu_s']:.0f} | " + " | ".join(f"{r['word_share'].get(str(t), float('nan')):.0%}" for t in temps) + " |")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
