@@ -303,7 +303,7 @@ def kept_sections(path) -> list:
       keep = line.startswith(KEPT)
     if keep:
       out.append(line)
-  return out
+  return [""] + out if out else []
 
 
 def main(argv=None) -> int:
