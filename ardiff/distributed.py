@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -58,6 +59,13 @@ def initialize_from_env() -> bool:
     if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
       # CPU devices of different processes talk over TCP (gloo); without it cross-process computations fail.
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      cache_dir = jax.config.jax_compilation_cache_dir
+      if cache_dir:
+        # Seen on jax 0.10.2: a resumed gloo job whose programs came partly from the persistent cache and partly
+        # from fresh compiles died in a collective ("Received data size doesn't match ... 512 vs 32").
+        jax.config.update("jax_compilation_cache_dir", None)
+        print(f"ardiff: the persistent compilation cache ({cache_dir}) is not used by multi-process CPU jobs "
+              "(gloo collectives); programs are compiled fresh.", file=sys.stderr)
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=n, process_id=i,
                                initialization_timeout=_int_env("ARDIFF_INIT_TIMEOUT", 300),
                                heartbeat_timeout_seconds=heartbeat, shutdown_timeout_seconds=heartbeat)
