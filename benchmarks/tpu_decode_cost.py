@@ -23,6 +23,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,8 +47,9 @@ def loops(path: str):
   return out
 
 
-def run_case(impl: str, gen: str, length: int, batch: int, heads: int, kv_heads: int, d: int, block: int) -> dict:
-  dump = tempfile.mkdtemp(prefix="tpu_decode_cost_")
+def run_case(dump: str, impl: str, gen: str, length: int, batch: int, heads: int, kv_heads: int, d: int,
+             block: int) -> dict:
+  """Compile one case with the bundle dump into the directory ``dump`` and read it back (a fresh process)."""
   os.environ["LIBTPU_INIT_ARGS"] = f"--xla_jf_dump_to={dump} --xla_jf_dump_llo_pass_label_regex=final"
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   sys.path.insert(0, cost.ROOT)
@@ -105,7 +107,11 @@ def main(argv=None) -> int:
   ap.add_argument("--case", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.case:
-    print(json.dumps(run_case(**json.loads(args.case))))
+    dump = tempfile.mkdtemp(prefix="tpu_decode_cost_")
+    try:
+      print(json.dumps(run_case(dump, **json.loads(args.case))))
+    finally:
+      shutil.rmtree(dump, ignore_errors=True)
     return 0
   for g in args.gens.split(","):
     if g not in cost.TOPOLOGY:

@@ -27,6 +27,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -184,9 +185,9 @@ def _vmem_bytes(dump: str, kernel: str):
   return None
 
 
-def run_case(case: Case) -> dict:
-  """Compile one case (fwd + bwd) with the bundle dump on and read it back; runs in a fresh process."""
-  dump = tempfile.mkdtemp(prefix="tpu_cost_")
+def run_case(case: Case, dump: str) -> dict:
+  """Compile one case (fwd + bwd) with the bundle dump (into the directory ``dump``) on and read it back; runs in a
+  fresh process."""
   os.environ["LIBTPU_INIT_ARGS"] = f"--xla_jf_dump_to={dump} --xla_jf_dump_llo_pass_label_regex=final"
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   sys.path.insert(0, ROOT)
@@ -311,7 +312,11 @@ def main(argv=None) -> int:
   ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, in a fresh process
   args = ap.parse_args(argv)
   if args.case:
-    print(json.dumps(run_case(Case(**json.loads(args.case)))))
+    dump = tempfile.mkdtemp(prefix="tpu_cost_")
+    try:
+      print(json.dumps(run_case(Case(**json.loads(args.case)), dump)))
+    finally:  # tens of MB of compiler dumps per case
+      shutil.rmtree(dump, ignore_errors=True)
     return 0
   ints = lambda s: [int(x) for x in s.split(",")]
   masks = MASKS if args.masks == "all" else tuple(args.masks.split(","))
