@@ -39,6 +39,7 @@ def test_one_billion_parameter_config_compiles_for_a_512_chip_pod():
   assert r["chips"] == 512 and r["mesh"] == {"data": 1, "fsdp": 128, "tensor": 4}
   assert 0.9e9 < r["params"] < 1.5e9
   assert r["fits"] and r["per_chip_gib"] < r["hbm_gib"]
+  assert any("'auto' compiled with the TPU (Mosaic) kernels" in n for n in r["notes"])  # what the pod will run
 
 
 def test_too_big_a_batch_does_not_fit_with_a_clear_message():

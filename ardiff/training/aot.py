@@ -141,8 +141,9 @@ def hbm_per_chip(topology: str) -> int:
 
 @contextlib.contextmanager
 def _tpu_kernels(config):
-  """With attention_impl='pallas', trace the TPU (Mosaic) kernels: this host is a CPU, the compile targets TPU."""
-  if config.model.attention_impl != "pallas":
+  """With attention_impl='pallas' or 'auto' (which a TPU host resolves to the kernels), trace the TPU (Mosaic)
+  kernels: this host is a CPU, the compile targets TPU."""
+  if config.model.attention_impl not in ("pallas", "auto"):
     yield
     return
   from ardiff import attention as attention_lib
@@ -167,9 +168,10 @@ def _compile_train_step(config, topology: str) -> dict:
     # ardiff.attention wraps them in shard_map with specs from the config's logical axis rules.
     notes.append("attention_impl='pallas' compiled with the TPU (Mosaic) kernels under shard_map.")
   if model_cfg.attention_impl == "auto":
-    # 'auto' picks kernels from the *running* backend (CPU here), so say plainly what was compiled.
-    model_cfg = dataclasses.replace(model_cfg, attention_impl="xla")
-    notes.append("attention_impl='auto' compiled with the XLA attention path (kernels are chosen on the TPU host).")
+    # 'auto' resolves by the *running* backend (CPU here): compile what the TPU host will run, and say so.
+    model_cfg = dataclasses.replace(model_cfg, attention_impl="pallas")
+    notes.append("attention_impl='auto' compiled with the TPU (Mosaic) kernels under shard_map, as a TPU host "
+                 "resolves it.")
   mesh = sharding.make_mesh(exp, devices=devices)
   model = Transformer(model_cfg)
   tx, lr_schedule = optimizer_lib.make_optimizer(exp.optimizer)
@@ -228,7 +230,7 @@ def _compile_sampler_steps(config, topology: str, *, max_len: int | None = None)
   devices = tpu_devices(topology)
   exp = experiment_lib.validate(config, devices=devices)
   model_cfg = exp.model if exp.model.attention_impl != "auto" else dataclasses.replace(exp.model,
-                                                                                      attention_impl="xla")
+                                                                                      attention_impl="pallas")
   mesh = sharding.make_mesh(exp, devices=devices)
   model = Transformer(model_cfg)
   abstract_params, param_sh = sharding.abstract_params_and_shardings(model, mesh, exp.rules)
