@@ -9,8 +9,14 @@ table (``results.md``, ``results.json``), a plot (``images.png``) and one sample
 
     python benchmarks/images.py --dataset fashion_mnist --size 14 --steps 3000 --num_samples 10000 --out runs/bench_images
     python benchmarks/images.py --dataset digits --steps 50 --num_samples 200 --out /tmp/bench   # smoke run (CPU)
+    python benchmarks/images.py --sweep --dataset digits --steps 300 --num_samples 500 --out runs/sweep   # CPU
 
-Uses no grain/TFDS (batches are drawn with numpy, seeded), so it runs wherever jax, flax and optax do.
+``--sweep`` runs the block-size sweep in one process: AR, BD3 with blocks of 1 row, 2 rows and half the image, and
+whole-image diffusion (MDLM); ACDiT with blocks of 1 patch row, 2 patch rows and half the image, and the whole-image
+DiT; ``block_sweep.png`` plots quality and speed against the block size (fraction of the image).
+
+Batches are drawn with numpy (seeded), not grain, so it runs wherever jax, flax and optax do (``--source tfds``
+reads the images from a prepared TFDS dataset instead of the vendored / IDX files).
 """
 
 from __future__ import annotations
@@ -45,8 +51,11 @@ from ardiff.sections import ImageConfig  # noqa: E402
 
 def parse():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--dataset", default="fashion_mnist", choices=("digits", "fashion_mnist"))
-  p.add_argument("--data_dir", default="", help="Fashion-MNIST IDX directory (default /usr/share/datasets/...)")
+  p.add_argument("--dataset", default="fashion_mnist", choices=sorted(data_lib.DATASETS))
+  p.add_argument("--source", default="files", choices=data_lib.SOURCES, help="files (digits vendored, Fashion-MNIST "
+                 "IDX) or tfds (a prepared TFDS dataset; see python -m ardiff images prepare)")
+  p.add_argument("--data_dir", default="", help="IDX directory (default /usr/share/datasets/fashion-mnist) or TFDS "
+                 "data dir (default ~/tensorflow_datasets)")
   p.add_argument("--size", type=int, default=14, help="side after pooling (digits: 8)")
   p.add_argument("--levels", type=int, default=16, help="grey levels of the discrete models (digits: 17)")
   p.add_argument("--steps", type=int, default=3000)
@@ -54,16 +63,49 @@ def parse():
   p.add_argument("--num_samples", type=int, default=10000)
   p.add_argument("--sample_batch", type=int, default=1000)
   p.add_argument("--models", default="ar,bd3_r1,mdlm,acdit_r1,dit",
-                 help="comma list of ar, bd3_rK (K rows per block), mdlm, acdit_rK (K patch rows), dit")
+                 help="comma list of ar, bd3_rK (K rows per block), bd3_half, mdlm, acdit_rK (K patch rows), "
+                      "acdit_half, dit")
+  p.add_argument("--sweep", action="store_true", help="the block-size sweep: " + SWEEP)
+  p.add_argument("--width", type=int, default=128, help="model width (4 heads of width/4)")
+  p.add_argument("--layers", type=int, default=4)
   p.add_argument("--denoise_steps", type=int, default=16)
   p.add_argument("--cfg_scale", type=float, default=2.0)
   p.add_argument("--out", default="runs/bench_images")
   return p.parse_args()
 
 
+SWEEP = "ar,bd3_r1,bd3_r2,bd3_half,mdlm,acdit_r1,acdit_r2,acdit_half,dit"
+
+
 def model_config(args, vocab):
-  return ModelConfig(vocab_size=vocab, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
-                     mlp_dim=512, scan_layers=False, mask_token_id=vocab - 1, attention_impl="xla")
+  return ModelConfig(vocab_size=vocab, embed_dim=args.width, num_layers=args.layers, num_heads=4, num_kv_heads=4,
+                     head_dim=args.width // 4, mlp_dim=4 * args.width, scan_layers=False, mask_token_id=vocab - 1,
+                     attention_impl="xla")
+
+
+def unique_blocks(names, side):
+  """``names`` without repeats of the same model (``*_half`` is ``*_r2`` on a 4-row patch grid, for example) and
+  without block sizes that do not divide the image's rows."""
+  seen, out = set(), []
+  for name in names:
+    rows = side // 2 if name.startswith(("acdit", "dit")) else side  # patch rows (2x2 patches) or pixel rows
+    try:
+      key = (name.split("_")[0], block_rows(name, rows)) if "_" in name else (name, 0)
+    except ValueError as e:  # e.g. 2-patch-row blocks of a 7-row grid (14x14 images)
+      print(f"skipped: {e}", flush=True)
+      continue
+    if key not in seen:
+      seen.add(key)
+      out.append(name)
+  return out
+
+
+def block_rows(name: str, rows: int) -> int:
+  """Rows (pixel rows or patch rows) per block of a ``*_rK`` / ``*_half`` model name."""
+  k = rows // 2 if name.endswith("_half") else int(name.split("_r")[1])
+  if not 1 <= k <= rows or rows % k:
+    raise ValueError(f"model {name!r}: {k} rows per block must divide the {rows} rows of the image.")
+  return k
 
 
 def _adam(args):
@@ -90,13 +132,14 @@ def _fit(loss, params, batches, args):
 def run_discrete(name, args, data):
   side, levels = data["side"], args.levels
   hw = side * side
-  image = ImageConfig(dataset=args.dataset, size=args.size if args.dataset == "fashion_mnist" else 0, levels=levels)
+  image = ImageConfig(dataset=args.dataset, source=args.source, size=0 if args.dataset == "digits" else args.size,
+                      levels=levels)
   if name == "ar":
     obj, seq_len = ObjectiveConfig(kind="ar"), hw + 1
   elif name == "mdlm":
     obj, seq_len = ObjectiveConfig(block_size=hw + 1), hw + 1
   else:
-    block = side * int(name.split("_r")[1])
+    block = side * block_rows(name, side)
     obj, seq_len = ObjectiveConfig(block_size=block), hw + block
   cfg = model_config(args, levels + 11)
   model = Transformer(cfg)
@@ -122,16 +165,17 @@ def run_discrete(name, args, data):
     levels_img, invalid, res = discrete.sample_images(params, model, exp, labels, rng=jax.random.key(seed),
                                                        sampling=sampling_lib)
     return tokens_lib.dequantize(levels_img, levels), int(res.nfe), invalid
+  block = obj.block_size if obj.kind != "ar" else 1
   return sample, {"bits_per_dim": total / count / math.log(2), "train_loss": final_loss, "train_s": train_s,
-                  "seq_len": seq_len, "block": obj.block_size if obj.kind != "ar" else 1}
+                  "seq_len": seq_len, "block": block, "block_fraction": min(block / hw, 1.0)}
 
 
 def run_continuous(name, args, data):
   side, p = data["side"], 2
   grid = side // p
   n = grid * grid
-  block = n if name == "dit" else grid * int(name.split("_r")[1])
-  image = ImageConfig(dataset=args.dataset, size=args.size if args.dataset == "fashion_mnist" else 0,
+  block = n if name == "dit" else grid * block_rows(name, grid)
+  image = ImageConfig(dataset=args.dataset, source=args.source, size=0 if args.dataset == "digits" else args.size,
                       kind="continuous", patch_size=p, cfg_scale=args.cfg_scale, denoise_steps=args.denoise_steps)
   model = ACDiT(model_config(args, 2), patch_dim=p * p)
   train_patches = np.asarray(flow.patchify(data["train"], p))
@@ -147,13 +191,14 @@ def run_continuous(name, args, data):
     imgs = flow.sample_images(params, model, labels, rng=jax.random.key(seed), image=image, block_size=block)
     nfe = (n // block) * args.denoise_steps
     return imgs, nfe, 0
-  return sample, {"train_loss": final_loss, "train_s": train_s, "block": block, "patches": n}
+  return sample, {"train_loss": final_loss, "train_s": train_s, "block": block, "patches": n, "block_fraction":
+                  block / n}
 
 
 def load(args):
-  size = args.size if args.dataset == "fashion_mnist" else 0
-  tr, trl = data_lib.load_images(args.dataset, "train", size=size, data_dir=args.data_dir)
-  te, tel = data_lib.load_images(args.dataset, "test", size=size, data_dir=args.data_dir)
+  size = 0 if args.dataset == "digits" else args.size
+  tr, trl = data_lib.load_images(args.dataset, "train", size=size, data_dir=args.data_dir, source=args.source)
+  te, tel = data_lib.load_images(args.dataset, "test", size=size, data_dir=args.data_dir, source=args.source)
   return {"train_raw": tr, "test_raw": te, "train_labels": trl, "test_labels": tel, "side": tr.shape[1],
           "max": data_lib.max_value(args.dataset), "train": data_lib.to_unit(tr, args.dataset),
           "test": data_lib.to_unit(te, args.dataset)}
@@ -163,6 +208,8 @@ def main():
   args = parse()
   if args.dataset == "digits":
     args.size, args.levels = 8, 17
+  if args.sweep:
+    args.models = SWEEP
   os.makedirs(args.out, exist_ok=True)
   data = load(args)
   t0 = time.perf_counter()
@@ -172,9 +219,11 @@ def main():
   print(f"classifier: test accuracy {clf_acc:.4f}; FD(train subset, test) = {ref_fd:.3f} "
         f"({time.perf_counter() - t0:.0f}s)", flush=True)
   results = {"dataset": args.dataset, "side": data["side"], "steps": args.steps, "batch": args.batch,
+             "width": args.width, "layers": args.layers, "num_samples": args.num_samples,
+             "denoise_steps": args.denoise_steps, "cfg_scale": args.cfg_scale, "device": jax.devices()[0].device_kind,
              "classifier_test_accuracy": clf_acc, "fd_train_vs_test": ref_fd, "models": {}}
   labels_all = np.arange(args.num_samples, dtype=np.int32) % 10
-  for name in args.models.split(","):
+  for name in unique_blocks(args.models.split(","), data["side"]):
     t0 = time.perf_counter()
     runner = run_continuous if name.startswith(("acdit", "dit")) else run_discrete
     sample, info = runner(name, args, data)
@@ -198,6 +247,41 @@ def main():
     with open(os.path.join(args.out, "results.json"), "w") as f:
       json.dump(results, f, indent=1)
   write_table(results, args.out)
+  sweep_plot(results, args.out)
+
+
+def sweep_plot(results, out):
+  """``block_sweep.png``: FD, bits/dim and images/s against the block size as a fraction of the image, one line per
+  family (discrete: AR -> BD3 -> MDLM; continuous: ACDiT -> DiT)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  models = results["models"]
+  families = {"discrete (AR, BD3, MDLM)": [n for n in models if "bits_per_dim" in models[n]],
+              "continuous (ACDiT, DiT)": [n for n in models if "bits_per_dim" not in models[n]]}
+  fig = Figure(figsize=(11, 3.5))
+  FigureCanvasAgg(fig)
+  for i, (key, label) in enumerate((("fd", "Fréchet distance to test (lower is better)"),
+                                    ("bits_per_dim", "bits/dim (discrete; BD3/MDLM: NELBO)"),
+                                    ("images_per_s", "images/s (log)"))):
+    ax = fig.add_subplot(1, 3, i + 1)
+    for family, names in families.items():
+      names = sorted((n for n in names if key in models[n]), key=lambda n: models[n]["block_fraction"])
+      if not names:
+        continue
+      xs, ys = [models[n]["block_fraction"] for n in names], [models[n][key] for n in names]
+      ax.plot(xs, ys, marker="o", label=family)
+      for n, x, y in zip(names, xs, ys):
+        ax.annotate(n, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xscale("log", base=2)
+    if key == "images_per_s":
+      ax.set_yscale("log")
+    ax.set_xlabel("block / image", fontsize=8)
+    ax.set_title(label, fontsize=9)
+    ax.legend(fontsize=7)
+  fig.suptitle(f"{results['dataset']} {results['side']}x{results['side']}, {results['steps']} steps, "
+               f"{results.get('device', '')}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "block_sweep.png"), dpi=100)
 
 
 def write_table(results, out):
