@@ -14,7 +14,7 @@ t per block, [MASK] noise, logits on the noisy half only, 1/t weights. Torch's t
 parallelism (the CPUs this process may run on); both sides are timed *interleaved* (one step of each in turn), so
 a shared machine's contention hits both equally; medians after compile and warm-up. On a machine busy with
 other jobs, pin to one core (``taskset -c 1 python benchmarks/train_throughput.py``): with more threads than
-free cores, torch's OpenMP threads wait on each other (its step measured 5-8x slower than pinned), jax's less.
+free cores, torch's OpenMP threads wait on each other (its step measured 4.5-7.5x slower than pinned), jax's less.
 
 The breakdown times each component alone (forward + backward, all layers): attention (q, k, v -> out), MLP,
 loss (final projection + log-softmax + NLL on the positions that carry loss), optimizer (one AdamW update).
