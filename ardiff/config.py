@@ -64,7 +64,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat_policy: str = "none"
-  attention_impl: str = "xla"  # "xla" (dense reference), "pallas" (kernels), "auto" (pallas on TPU/GPU)
+  attention_impl: str = "xla"  # "xla" (non-empty tiles; cuDNN on GPU), "pallas" (kernels), "auto" (pallas on TPU/GPU)
   mask_token_id: Optional[int] = None  # the [MASK] id of diffusion models; never predicted
   init_std: float = 0.02
 
