@@ -128,51 +128,9 @@ def _build(case: Case, dev):
 # ------------------------------------------------------------------------------------------------------------------
 # Reading the bundle dump.
 
-_ADDR = re.compile(r"^\s*(0x[0-9a-f]+|\d+)\s")
-_BRANCH = re.compile(r"sbr\.rel \([^)]*\) target = \$region(\d+)")
-
-
-def _lines(path):
-  out = []
-  with open(path) as fh:
-    for line in fh:
-      m = _ADDR.match(line)
-      if m:
-        out.append((int(m.group(1), 0), line))
-  return out
-
-
-def parse_bundles(path: str) -> dict:
-  """Grid-loop anatomy of one kernel's ``*-final_bundles.txt``: loop body length, trip count, compute bodies (in
-  program order) and the other guarded bodies, all in bundles."""
-  lines = _lines(path)
-  loop_start = next(i for i, (_, l) in enumerate(lines) if " LB:" in l[:16])
-  region = re.search(r"Start region (\d+)", lines[loop_start][1]).group(1)
-  # The loop ends at its back branch (the last region markers close a few bundles earlier).
-  loop_end = next(i for i in range(loop_start, len(lines)) if f"target = $region{region} " in lines[i][1] + " ")
-  trip = None
-  for _, l in lines[loop_start:loop_end + 1]:
-    if "loop exit test" in l and trip is None:
-      trip = int(re.search(r", (\d+) /\* loop exit test", l).group(1))
-  bodies = []  # (start, end) line indices of every guarded body inside the loop
-  for i in range(loop_start, loop_end + 1):
-    m = _BRANCH.search(lines[i][1])
-    if not m or m.group(1) == region:
-      continue
-    target = f"region {m.group(1)}"
-    j = next((j for j in range(i + 1, loop_end + 1) if "PF:" in lines[j][1][:16] and target in lines[j][1]), None)
-    if j is not None:
-      bodies.append((i, j))
-  has_mxu = lambda s, e: any("vmatmul" in lines[x][1] for x in range(s, e))
-  size = lambda s, e: lines[e][0] - lines[s][0] - 1
-  inside = lambda a, b: b[0] <= a[0] and a[1] <= b[1] and a != b
-  mxu = [b for b in bodies if has_mxu(*b)]
-  compute = [b for b in mxu if not any(inside(c, b) for c in mxu)]
-  other = [b for b in bodies if not has_mxu(*b) and not any(inside(b, c) for c in bodies if c not in mxu)
-           and not any(inside(b, c) for c in compute)]
-  loop_len = lines[loop_end][0] - lines[loop_start][0] + 1
-  return {"loop": loop_len, "trip": trip, "compute": [size(*b) for b in sorted(compute)],
-          "other": [size(*b) for b in sorted(other)]}
+# The dump reader is shared with ``python -m ardiff compile`` (its whole-step kernel estimate).
+sys.path.insert(0, ROOT)
+from ardiff.training.tpu_cost import _lines, dump_flags, loop_estimate, parse_bundles  # noqa: E402,F401
 
 
 def _vmem_bytes(dump: str, kernel: str):
@@ -188,7 +146,7 @@ def _vmem_bytes(dump: str, kernel: str):
 def run_case(case: Case, dump: str) -> dict:
   """Compile one case (fwd + bwd) with the bundle dump (into the directory ``dump``) on and read it back; runs in a
   fresh process."""
-  os.environ["LIBTPU_INIT_ARGS"] = f"--xla_jf_dump_to={dump} --xla_jf_dump_llo_pass_label_regex=final"
+  os.environ["LIBTPU_INIT_ARGS"] = dump_flags(dump)
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   sys.path.insert(0, ROOT)
   import jax
@@ -225,14 +183,10 @@ def run_case(case: Case, dump: str) -> dict:
       out["passes"][pass_] = {"error": f"no bundle dump for {prefix}"}
       continue
     a = parse_bundles(sorted(files)[0])
-    bodies = a["compute"]
-    if case.impl == "ardiff" and len(bodies) == 2:
-      full, partial = bodies
-    else:  # one compute body for every visited tile (splash; or a mask-free compile)
-      full = partial = max(bodies) if bodies else 0
-    steps = a["trip"] or 0
-    overhead = a["loop"] - sum(bodies) - sum(a["other"])
-    est = steps * overhead + rows[pass_] * sum(a["other"]) + counts["full"] * full + counts["partial"] * partial
+    # ardiff: an unmasked then a masked compute body; splash (or a mask-free compile): one body for every tile
+    fig = loop_estimate(a, rows=rows[pass_], full_tiles=counts["full"], partial_tiles=counts["partial"],
+                        two_kinds=case.impl == "ardiff")
+    full, partial, steps, overhead, est = fig["full"], fig["partial"], fig["steps"], fig["overhead"], fig["estimate"]
     macs = case.tile * case.tile * case.head_dim * (MATMULS[pass_] + (1 if fused and pass_ == "dkv" else 0))
     floor_tile = macs // MACS_PER_CYCLE[case.gen]
     key = pass_ + ("+dq" if fused and pass_ == "dkv" else "")

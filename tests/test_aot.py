@@ -67,3 +67,76 @@ def test_sampler_steps_compile_with_the_pallas_decode_kernel():
   c.model.attention_impl = "pallas"
   out = aot.compile_sampler_steps(c, "v5e:2x2")
   assert set(out) == {"ar_step", "denoise_step"}
+
+
+# One small block-sparse kernel (BD3 over 2 x 256 tokens, 128 tiles: FULL, PARTIAL and padded grid steps; GQA 2/1),
+# forward and backward, compiled for v5e in a fresh process: libtpu reads its dump flag only when it loads.
+_KERNEL_DUMP_SCRIPT = """
+import json, os, sys
+import jax, jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import SingleDeviceSharding
+from ardiff import masks
+from ardiff.training import aot, tpu_cost
+from kernels_pallas.block_sparse_attention import block_sparse_attention
+dev = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices[0]
+sds = lambda h: jax.ShapeDtypeStruct((1, 512, h, 64), jnp.bfloat16, sharding=SingleDeviceSharding(dev))
+loss = lambda q, k, v: jnp.sum(block_sparse_attention(q, k, v, mask=masks.BD3(256, 16), block_q=128, block_kv=128,
+                                                      backend="tpu").astype(jnp.float32))
+with jax.default_device(dev):
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(sds(2), sds(1), sds(1)).compile()
+text = aot._module_text(compiled)
+print(json.dumps({"kernels": tpu_cost.kernel_bundles(text, sys.argv[1]), "xla": aot.xla_estimated_cycles(text)}))
+"""
+
+
+def test_kernel_bundle_estimate_reads_the_tile_kinds_and_loop_of_a_real_mosaic_dump(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+
+  import numpy as np
+
+  from ardiff import masks
+  from ardiff.training import tpu_cost
+  from kernels_pallas.block_sparse_metadata import MASKED, UNMASKED, build_metadata
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, LIBTPU_INIT_ARGS=tpu_cost.dump_flags(str(tmp_path)), PYTHONPATH=root,
+             ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  p = subprocess.run([sys.executable, "-c", _KERNEL_DUMP_SCRIPT, str(tmp_path)], env=env, cwd=root,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  r = json.loads(p.stdout.strip().splitlines()[-1])
+  k = r["kernels"]
+  assert k["missing"] == [] and r["xla"] > 0
+  meta = build_metadata(masks.BD3(256, 16), 512, 512, 128, 128)
+  heads = 2  # batch 1 x 2 query heads; the dK/dV grid runs kv_heads (1) x groups (2) = the same
+  # Per-row bodies (init, finalize) run once per output row: per (query head, q tile), resp. (kv head, kv tile).
+  expect = {"fwd": (meta.fwd_kind, heads * meta.num_q_tiles), "dkv": (meta.dkv_kind, 1 * meta.num_kv_tiles)}
+  seen = set()
+  for name, fig in k["kernels"].items():
+    pass_ = name.split("_")[3]  # block_sparse_attention_{fwd,dkv}_tpu_...
+    kinds, rows = expect[pass_]
+    seen.add(pass_)
+    assert fig["exact"] and fig["calls"] == 1
+    full, partial = heads * int(np.sum(kinds == UNMASKED)), heads * int(np.sum(kinds == MASKED))
+    assert full > 0 and partial > 0 and fig["steps"] >= heads * kinds.size  # padded steps are grid steps too
+    assert 0 < fig["full"] < fig["partial"]  # the masked body evaluates the mask on top of the unmasked one's work
+    # The table read from the module's constants gives the metadata's FULL / PARTIAL tiles in the formula.
+    assert fig["estimate"] == (fig["steps"] * fig["overhead"] + rows * fig["once_per_row"] + full * fig["full"]
+                               + partial * fig["partial"]), fig
+  assert seen == {"fwd", "dkv"}  # dQ is fused into the dK/dV kernel at this size
+  assert k["total"] == sum(f["estimate"] for f in k["kernels"].values())
+
+
+def test_compile_output_says_when_the_kernels_were_not_estimated(capsys):
+  aot._print_estimate({"xla_cycles": 5_000_000, "kernels": None, "step_estimate": None})
+  out = capsys.readouterr().out
+  assert "XLA fusions 5.00 M cycles" in out and "NOT ESTIMATED" in out and "whole step: not estimated" in out
+  aot._print_estimate({"xla_cycles": 5_000_000, "step_estimate": 7_000_000,
+                       "kernels": {"total": 2_000_000, "missing": [], "kernels": {
+                           "k.1": {"estimate": 500_000, "calls": 4, "exact": True}}}})
+  out = capsys.readouterr().out
+  assert "k.1: 0.500 M bundles x 4 calls" in out and "whole step: 7.00 M cycles" in out

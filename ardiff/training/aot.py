@@ -21,6 +21,7 @@ from ardiff.errors import UsageError
 from ardiff.model import Transformer
 from ardiff.training import clip_search as clip_search_lib
 from ardiff.training import optimizer as optimizer_lib
+from ardiff.training import tpu_cost
 from ardiff.training import train_state as train_state_lib
 
 GIB = 1024 ** 3
@@ -91,48 +92,11 @@ def tpu_devices(topology: str):
                      f"{message}). Use a slice shape such as {EXAMPLE_TOPOLOGIES}.") from e
 
 
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{\s*$")
-_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
-_WHILE = re.compile(r" while\(.*condition=%([^,\s]+), body=%([^,\s]+)")
-_S32_CONSTANT = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
+# The XLA fusions' estimate (while bodies x trip count); Mosaic kernels count 0 there (see compile_train_step).
+xla_estimated_cycles = tpu_cost.xla_estimated_cycles
 
-
-def xla_estimated_cycles(hlo_text: str) -> int:
-  """Sum of the TPU compiler's ``estimated_cycles`` over the XLA fusions of a compiled module's text (per chip),
-  counting a ``while`` body (scanned layers, gradient accumulation) times its trip count. Mosaic kernels carry no
-  estimate and count 0 here (``benchmarks/tpu_kernel_cost.py`` measures them). The trip count is the largest s32
-  constant of the loop condition (the bound of a counted loop); a static proxy, not a time."""
-  comps, name = {}, None
-  for line in hlo_text.splitlines():
-    m = _COMPUTATION.match(line)
-    if m:
-      name = m.group(1)
-      comps[name] = []
-      if line.startswith("ENTRY"):
-        comps["__entry__"] = comps[name]
-    elif name is not None:
-      comps[name].append(line)
-
-  def trip(cond: str) -> int:
-    bounds = [int(c) for line in comps.get(cond, ()) for c in _S32_CONSTANT.findall(line)]
-    return max(bounds, default=1)
-
-  memo = {}
-
-  def total(comp: str) -> int:
-    if comp not in memo:
-      memo[comp] = 0  # a cycle in the call graph (none expected) counts once
-      cycles = 0
-      for line in comps.get(comp, ()):
-        w = _WHILE.search(line)
-        if w:
-          cycles += trip(w.group(1)) * total(w.group(2))
-        else:
-          cycles += sum(int(c) for c in _CYCLES.findall(line))
-      memo[comp] = cycles
-    return memo[comp]
-
-  return total("__entry__")
+# Set (to a directory) in the process that ``main`` starts with libtpu's bundle dump on (see ``_kernel_estimate``).
+DUMP_DIR_ENV = "ARDIFF_TPU_BUNDLE_DUMP"
 
 
 def hbm_per_chip(topology: str) -> int:
@@ -151,13 +115,31 @@ def _tpu_kernels(config):
     yield
 
 
-def compile_train_step(config, topology: str) -> dict:
-  """AOT-compiles the sharded train step; returns per-chip memory figures. Raises DoesNotFitError."""
+def compile_train_step(config, topology: str, *, kernel_dump: str | None = None) -> dict:
+  """AOT-compiles the sharded train step; returns per-chip memory figures and the static cost estimate. Raises
+  DoesNotFitError.
+
+  ``xla_cycles``: the XLA fusions' ``estimated_cycles`` (while bodies x trip count). ``kernels``: the Mosaic
+  kernels' bundle estimate (:func:`ardiff.training.tpu_cost.kernel_bundles`), read from ``kernel_dump``, the
+  directory libtpu was told to dump bundles into (``tpu_cost.dump_flags``, set before libtpu loaded); None when
+  the step has Mosaic kernels and no dump was given (not estimated), ``total`` 0 when it has none.
+  ``step_estimate`` = the two summed, or None when the kernels were not estimated."""
   with _tpu_kernels(config):
-    return _compile_train_step(config, topology)
+    return _compile_train_step(config, topology, kernel_dump)
 
 
-def _compile_train_step(config, topology: str) -> dict:
+def _module_text(compiled) -> str:
+  """The compiled module's text with large constants printed (the block-sparse kernels' tile-kind tables)."""
+  try:
+    from jaxlib import _hlo
+    options = _hlo.HloPrintOptions()
+    options.print_large_constants = True
+    return compiled.runtime_executable().hlo_modules()[0].to_string(options)
+  except (ImportError, AttributeError, IndexError):  # another jaxlib: tables elided, kernels become upper bounds
+    return compiled.as_text()
+
+
+def _compile_train_step(config, topology: str, kernel_dump: str | None) -> dict:
   devices = tpu_devices(topology)
   exp = experiment_lib.validate(config, devices=devices)
   model_cfg = exp.model
@@ -206,7 +188,16 @@ def _compile_train_step(config, topology: str) -> dict:
   result = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape),
             "params": model_cfg.num_params(), "arguments_gib": mem.argument_size_in_bytes / GIB,
             "temp_gib": mem.temp_size_in_bytes / GIB, "per_chip_gib": used / GIB, "hbm_gib": hbm / GIB,
-            "fits": used <= hbm, "notes": notes, "xla_cycles": xla_estimated_cycles(compiled.as_text())}
+            "fits": used <= hbm, "notes": notes}
+  text = _module_text(compiled)
+  result["xla_cycles"] = xla_estimated_cycles(text)
+  if 'custom_call_target="tpu_custom_call"' not in text:
+    result["kernels"] = {"total": 0, "kernels": {}, "missing": []}
+  elif kernel_dump is not None:
+    result["kernels"] = tpu_cost.kernel_bundles(text, kernel_dump)
+  else:
+    result["kernels"] = None
+  result["step_estimate"] = None if result["kernels"] is None else result["xla_cycles"] + result["kernels"]["total"]
   if used > hbm:
     raise DoesNotFitError(f"{exp.name} needs {used / GIB:.2f} GiB per chip on {topology} but a chip has "
                           f"{hbm / GIB:.0f} GiB HBM. Shard more (mesh.fsdp/tensor), lower train.batch_size, raise "
@@ -273,23 +264,26 @@ def main(argv) -> int:
   from ardiff.training.main import DEFAULT_CONFIG
 
   parsed = cli_flags.parse(argv, description=__doc__, default_config=DEFAULT_CONFIG, flags=(
-      cli_flags.Flag("topology", "v5e:2x2", f"TPU slice, e.g. {EXAMPLE_TOPOLOGIES}", _checked_topology),))
+      cli_flags.Flag("topology", "v5e:2x2", f"TPU slice, e.g. {EXAMPLE_TOPOLOGIES}", _checked_topology),
+      cli_flags.Flag("kernel_estimate", True, "with Mosaic kernels (attention_impl pallas/auto), rerun in a child "
+                     "process with libtpu's bundle dump on to count their bundles", cli_flags.parse_bool)))
   if parsed is None:  # --help
     return 0
   config, flag_values = parsed
   topology = flag_values["topology"]
   experiment_lib.validate(config)
+  dump = os.environ.get(DUMP_DIR_ENV)
+  if flag_values["kernel_estimate"] and dump is None and config.model.attention_impl in ("pallas", "auto"):
+    return _rerun_with_bundle_dump(argv)
   try:
-    r = compile_train_step(config, topology)
+    r = compile_train_step(config, topology, kernel_dump=dump)
   except DoesNotFitError as e:
     print(f"DOES NOT FIT: {e}")
     return 1
   print(f"{r['topology']}: {r['chips']} chips, mesh {r['mesh']}, {r['params'] / 1e6:.1f}M params")
   print(f"per chip: {r['per_chip_gib']:.2f} GiB of {r['hbm_gib']:.0f} GiB HBM "
         f"(arguments {r['arguments_gib']:.2f} GiB, temporaries {r['temp_gib']:.2f} GiB) -> fits")
-  print(f"static estimate: {r['xla_cycles'] / 1e6:.1f} M cycles per chip in XLA fusions (the compiler's "
-        "estimated_cycles, while bodies x trip count; Pallas kernels not included: benchmarks/tpu_kernel_cost.py "
-        "counts their bundles)")
+  _print_estimate(r)
   for note in r["notes"]:
     print("note:", note)
   try:
@@ -299,3 +293,38 @@ def main(argv) -> int:
     print(f"DOES NOT FIT: {e}")
     return 1
   return 0
+
+
+def _rerun_with_bundle_dump(argv) -> int:
+  """libtpu reads its flags once, when it loads: the bundle dump needs a process that sets them first. Runs this
+  same command in a child with the dump on (into a temporary directory, removed afterwards); returns its status."""
+  import shutil
+  import subprocess
+  import sys
+  import tempfile
+  directory = tempfile.mkdtemp(prefix="ardiff_tpu_bundles_")
+  env = dict(os.environ, **{DUMP_DIR_ENV: directory,
+                            "LIBTPU_INIT_ARGS": tpu_cost.dump_flags(directory, os.environ.get("LIBTPU_INIT_ARGS", ""))})
+  try:
+    return subprocess.run([sys.executable, "-m", "ardiff", "compile", *argv[1:]], env=env).returncode
+  finally:  # the dump holds every program of the compile (tens to hundreds of MB)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _print_estimate(r: dict) -> None:
+  print(f"static estimate per chip: XLA fusions {r['xla_cycles'] / 1e6:.2f} M cycles (the compiler's "
+        "estimated_cycles, while bodies x trip count)")
+  k = r["kernels"]
+  if k is None:
+    print("  Pallas kernels: NOT ESTIMATED (their bundles need libtpu's dump, which --nokernel_estimate turned off); "
+          "whole step: not estimated")
+    return
+  for name, fig in sorted(k["kernels"].items()):
+    bound = "" if fig["exact"] else " (upper bound: every grid step counted with its whole loop body)"
+    print(f"  kernel {name}: {fig['estimate'] / 1e6:.3f} M bundles x {fig['calls']} calls per step{bound}")
+  for name in k["missing"]:
+    print(f"  kernel {name}: no bundle dump found, NOT COUNTED")
+  partial = f" (incomplete: {len(k['missing'])} kernels not counted)" if k["missing"] else ""
+  print(f"  Pallas kernels: {k['total'] / 1e6:.2f} M bundles (per-tile loop bodies x tiles and grid steps visited)")
+  print(f"whole step: {r['step_estimate'] / 1e6:.2f} M cycles per chip = XLA fusions + kernels{partial} "
+        "(a static proxy, not a time: compare configs by it)")
