@@ -321,10 +321,13 @@ def _print_estimate(r: dict) -> None:
     return
   for name, fig in sorted(k["kernels"].items()):
     bound = "" if fig["exact"] else " (upper bound: every grid step counted with its whole loop body)"
+    if not fig["calls"]:
+      bound = " (its computation is not reached through while loops and calls from the entry: NOT COUNTED)"
     print(f"  kernel {name}: {fig['estimate'] / 1e6:.3f} M bundles x {fig['calls']} calls per step{bound}")
   for name in k["missing"]:
     print(f"  kernel {name}: no bundle dump found, NOT COUNTED")
-  partial = f" (incomplete: {len(k['missing'])} kernels not counted)" if k["missing"] else ""
+  uncounted = len(k["missing"]) + sum(1 for fig in k["kernels"].values() if not fig["calls"])
+  partial = f" (incomplete: {uncounted} kernels not counted)" if uncounted else ""
   print(f"  Pallas kernels: {k['total'] / 1e6:.2f} M bundles (per-tile loop bodies x tiles and grid steps visited)")
   print(f"whole step: {r['step_estimate'] / 1e6:.2f} M cycles per chip = XLA fusions + kernels{partial} "
         "(a static proxy, not a time: compare configs by it)")

@@ -117,6 +117,7 @@ def find_dump(directory: str, instruction: str):
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{\s*$")
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _WHILE = re.compile(r" while\(.*condition=%([^,\s]+), body=%([^,\s]+)")
+_CALL = re.compile(r" call\(.*to_apply=%([^,\s]+)")
 _S32_CONSTANT = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 _SHAPE = re.compile(r"^[a-z]+\d*\[([\d,]*)\]")
@@ -137,9 +138,9 @@ def _computations(hlo_text: str) -> dict:
 
 
 def walk(hlo_text: str, line_cost) -> dict:
-  """``{key: total}`` of ``line_cost(line) -> {key: amount}`` over the entry computation, counting a ``while``
-  body (scanned layers, gradient accumulation) times its trip count: the largest s32 constant of its condition (a
-  counted loop's bound)."""
+  """``{key: total}`` of ``line_cost(line) -> {key: amount}`` over the entry computation and the computations it
+  ``call``s, counting a ``while`` body (scanned layers, gradient accumulation) times its trip count: the largest
+  s32 constant of its condition (a counted loop's bound)."""
   comps = _computations(hlo_text)
 
   def trip(cond: str) -> int:
@@ -157,9 +158,11 @@ def walk(hlo_text: str, line_cost) -> dict:
       memo[comp] = {}  # a cycle in the call graph (none expected) counts once
       cost = {}
       for line in comps.get(comp, ()):
-        w = _WHILE.search(line)
+        w, c = _WHILE.search(line), _CALL.search(line)
         if w:
           add(cost, total(w.group(2)), trip(w.group(1)))
+        elif c:
+          add(cost, total(c.group(1)))
         else:
           add(cost, line_cost(line))
       memo[comp] = cost
