@@ -188,13 +188,17 @@ def _balanced(text: str, start: int) -> str:
 
 
 def _instructions(hlo_text: str) -> dict:
-  """``{name: (shape text, opcode, operand text, attributes text)}`` of every instruction."""
-  out = {}
+  """``{name: (shape text, opcode, operand text, attributes text, computation)}`` of every instruction."""
+  out, comp = {}, None
   for line in hlo_text.splitlines():
+    c = _COMPUTATION.match(line)
+    if c:
+      comp = c.group(1)
+      continue
     m = _INSTR.match(line)
     if m:
       args = _balanced(line, m.end(3) + 1)
-      out[m.group(1)] = (m.group(2), m.group(3), args, line[m.end(3) + 2 + len(args):])
+      out[m.group(1)] = (m.group(2), m.group(3), args, line[m.end(3) + 2 + len(args):], comp)
   return out
 
 
@@ -203,11 +207,13 @@ def _operands(args: str) -> list:
 
 
 def _constant(instrs: dict, name: str):
-  """The int table a value is a (copied, bitcast) constant of, as (shape, flat values); None if it is not one."""
-  for _ in range(8):
+  """The int table a value is a constant of, as (shape, flat values), followed through copies, bitcasts and the
+  tuples that carry it into a ``while`` body (loop-invariant operands of the scanned layers); None if it is not one."""
+  loops = {}  # body computation -> the while instruction running it
+  for _ in range(64):
     if name not in instrs:
       return None
-    shape, op, args, _ = instrs[name]
+    shape, op, args, attrs, comp = instrs[name]
     if op == "constant":
       dims = _SHAPE.match(shape)
       values = [int(v) for v in re.findall(r"-?\d+", args)]
@@ -218,9 +224,29 @@ def _constant(instrs: dict, name: str):
       for d in dims:
         n *= d
       return (dims, values) if len(values) == n else None
-    if op not in ("copy-done", "copy-start", "copy", "bitcast"):
+    if op in ("copy-done", "copy-start", "copy", "bitcast"):
+      name = _operands(args)[0]
+      continue
+    if op != "get-tuple-element":
       return None
-    name = _operands(args)[0]
+    index = int(re.search(r"index=(\d+)", attrs).group(1))
+    source = _operands(args)[0]
+    s_op, s_comp = instrs.get(source, (None,) * 5)[1], instrs.get(source, (None,) * 5)[4]
+    if s_op == "parameter":  # the loop-carried tuple of a while body: continue at the while's operand
+      if not loops:
+        for w_name, (_, w_op, w_args, w_attrs, _) in instrs.items():
+          b = re.search(r"body=%([^,\s]+)", w_attrs) if w_op == "while" else None
+          if b:
+            loops[b.group(1)] = _operands(w_args)[0]
+      if s_comp not in loops:
+        return None
+      source = loops[s_comp]
+    if source not in instrs or instrs[source][1] != "tuple":
+      return None
+    ops = _operands(instrs[source][2])
+    if index >= len(ops):
+      return None
+    name = ops[index]
   return None
 
 
@@ -237,7 +263,7 @@ def kernel_bundles(hlo_text: str, dump_dir: str) -> dict:
 
   instrs = _instructions(hlo_text)
   per_call, missing = {}, []
-  for name, (_, op, args, attrs) in instrs.items():
+  for name, (_, op, args, attrs, _) in instrs.items():
     if op != "custom-call" or 'custom_call_target="tpu_custom_call"' not in attrs:
       continue
     path = find_dump(dump_dir, name)
