@@ -106,8 +106,8 @@ def loop_estimate(anatomy: dict, *, rows: int, full_tiles: int, partial_tiles: i
 
 def find_dump(directory: str, instruction: str):
   """The final-bundles file of one HLO instruction (its program is named after it), or None."""
-  files = [p for p in glob.glob(os.path.join(glob.escape(directory), f"*-{glob.escape(instruction)}-*final_bundles.txt"))
-           if "schedule" not in os.path.basename(p)]
+  pattern = os.path.join(glob.escape(directory), f"*-{glob.escape(instruction)}-*final_bundles.txt")
+  files = [p for p in glob.glob(pattern) if "schedule" not in os.path.basename(p)]
   return sorted(files)[0] if files else None
 
 
