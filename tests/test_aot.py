@@ -140,3 +140,6 @@ def test_compile_output_says_when_the_kernels_were_not_estimated(capsys):
                            "k.1": {"estimate": 500_000, "calls": 4, "exact": True}}}})
   out = capsys.readouterr().out
   assert "k.1: 0.500 M bundles x 4 calls" in out and "whole step: 7.00 M cycles" in out
+  aot._print_estimate({"xla_cycles": 5_000_000, "step_estimate": 5_000_000,
+                       "kernels": {"total": 0, "missing": [], "kernels": {}}})
+  assert "Pallas kernels: none in this step" in capsys.readouterr().out

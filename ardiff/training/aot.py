@@ -328,6 +328,9 @@ def _print_estimate(r: dict) -> None:
     print(f"  kernel {name}: no bundle dump found, NOT COUNTED")
   uncounted = len(k["missing"]) + sum(1 for fig in k["kernels"].values() if not fig["calls"])
   partial = f" (incomplete: {uncounted} kernels not counted)" if uncounted else ""
-  print(f"  Pallas kernels: {k['total'] / 1e6:.2f} M bundles (per-tile loop bodies x tiles and grid steps visited)")
+  if k["kernels"] or k["missing"]:
+    print(f"  Pallas kernels: {k['total'] / 1e6:.2f} M bundles (per-tile loop bodies x tiles and grid steps visited)")
+  else:
+    print("  Pallas kernels: none in this step (attention_impl='xla')")
   print(f"whole step: {r['step_estimate'] / 1e6:.2f} M cycles per chip = XLA fusions + kernels{partial} "
         "(a static proxy, not a time: compare configs by it)")
