@@ -112,12 +112,6 @@ def target_backend(backend: str = "tpu"):
   return _override(_TARGET, backend, "target_backend")
 
 
-def compile_platform() -> str:
-  """The platform being compiled for: :func:`target_backend`'s (an AOT compile for TPU from a CPU host), else
-  ``jax.default_backend()``."""
-  return _TARGET.get() or jax.default_backend()
-
-
 def _resolve(backend: Optional[str], interpret: bool) -> tuple[str, bool]:
   target = _TARGET.get()
   if backend is None and not interpret and target is not None:

@@ -259,7 +259,8 @@ def _scan_unroll(cfg: ModelConfig) -> int:
   train steps (``benchmarks/train_throughput.py``, measured side by side). TPU and GPU keep the rolled loop (compile
   time, and the schedule their memory estimates assume); an AOT compile for TPU from a CPU host
   (``attention.target_backend``) counts as TPU."""
-  return cfg.num_layers if attention_lib.compile_platform() == "cpu" else 1
+  target = attention_lib._TARGET.get() or jax.default_backend()
+  return cfg.num_layers if target == "cpu" else 1
 
 
 class Transformer(nn.Module):
