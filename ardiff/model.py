@@ -250,19 +250,6 @@ _REMAT_POLICIES = {
 }
 
 
-def _scan_unroll(cfg: ModelConfig) -> int:
-  """How many layers one iteration of the ``scan_layers`` loop runs: all of them when compiling for CPU, else 1.
-
-  Unrolled, the parameters keep their stacked ``[layers, ...]`` layout, but the backward pass reads each layer's
-  residuals directly instead of through ``[layers, ...]`` stacks that the loop zero-fills, writes with
-  dynamic-update-slice, copies out of the loop and slices again: on CPU that plumbing was ~8% of the BD3 and AR
-  train steps (``benchmarks/train_throughput.py``, measured side by side). TPU and GPU keep the rolled loop (compile
-  time, and the schedule their memory estimates assume); an AOT compile for TPU from a CPU host
-  (``attention.target_backend``) counts as TPU."""
-  target = attention_lib._TARGET.get() or jax.default_backend()
-  return cfg.num_layers if target == "cpu" else 1
-
-
 class Transformer(nn.Module):
   """``apply({'params': p}, tokens, mask=..., positions=..., segment_ids=..., cache=...) -> ModelOutput``."""
 
@@ -300,9 +287,7 @@ class Transformer(nn.Module):
 
     layer_cls = DecoderLayer
     if cfg.remat_policy != "none":
-      # Remat in a rolled loop needs no CSE barrier; unrolled (or a Python loop), XLA could merge the recomputation.
-      prevent_cse = not cfg.scan_layers or _scan_unroll(cfg) > 1
-      layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=prevent_cse)
+      layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     cache_k = cache.k if cache is not None else None
     cache_v = cache.v if cache is not None else None
     lengths = cache.lengths if cache is not None else None
@@ -310,7 +295,7 @@ class Transformer(nn.Module):
       cache_axis = 0 if cache is not None else nn.broadcast
       stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, cache_axis, cache_axis, nn.broadcast),
-                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"}, unroll=_scan_unroll(cfg))
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       x, new_kv = stack(cfg, mask, name="layers")(x, positions, segment_ids, cache_k, cache_v, lengths)
     else:
       new_k, new_v = [], []
