@@ -195,32 +195,12 @@ class Mlp(nn.Module):
   def __call__(self, x):
     """``[batch, length, embed]`` -> ``[batch, length, embed]``."""
     cfg = self.config
-    dense = lambda feats, axes, name: _Dense(cfg, feats, axes, use_bias=cfg.mlp_bias, name=name)
-    gate = dense(cfg.mlp_dim, ("embed", "mlp"), "gate_proj")(x)
-    up = dense(cfg.mlp_dim, ("embed", "mlp"), "up_proj")(x)
+    # nn.Dense's parameter names and shapes (kernel [in, out], bias [out]), through Projection's linear map
+    dense = lambda shape, axes, name: Projection(cfg, shape, axes, "btd,df->btf", use_bias=cfg.mlp_bias, name=name)
+    gate = dense((cfg.embed_dim, cfg.mlp_dim), ("embed", "mlp"), "gate_proj")(x)
+    up = dense((cfg.embed_dim, cfg.mlp_dim), ("embed", "mlp"), "up_proj")(x)
     h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-    return dense(cfg.embed_dim, ("mlp", "embed"), "down_proj")(h)
-
-
-class _Dense(nn.Module):
-  """``nn.Dense``'s parameters (``kernel [in, out]``, ``bias [out]``, same initialisers and names) computed with
-  :func:`linear` (one 2-D GEMM on CPU)."""
-
-  config: ModelConfig
-  features: int
-  axes: tuple
-  use_bias: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    cfg = self.config
-    kernel = self.param("kernel", _dense_init(cfg, self.axes), (x.shape[-1], self.features), cfg.weight_dtype)
-    y = linear(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
-    if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[-1:]), (self.features,),
-                        cfg.weight_dtype)
-      y = y + bias.astype(cfg.compute_dtype)
-    return y
+    return dense((cfg.mlp_dim, cfg.embed_dim), ("mlp", "embed"), "down_proj")(h)
 
 
 class DecoderLayer(nn.Module):
@@ -312,7 +292,8 @@ class Transformer(nn.Module):
     if cfg.tie_embeddings:
       logits = embed.attend(head_in)
     else:
-      logits = _Dense(cfg, cfg.vocab_size, ("embed", "vocab"), name="lm_head")(head_in)
+      logits = Projection(cfg, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), "btd,dv->btv",
+                          name="lm_head")(head_in)
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     new_cache = None
     if cache is not None:
