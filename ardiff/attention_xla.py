@@ -134,7 +134,9 @@ def _plan_for_tile(mask: masks_lib.Mask, q_len: int, kv_len: int, tile: int) -> 
 def plan(mask: masks_lib.Mask, q_len: int, kv_len: int) -> Plan:
   """The cheapest tiling (by :data:`GROUP_OVERHEAD`-weighted score entries) of ``mask`` at these lengths, among
   tiles that cut the queries into at most :data:`MAX_GROUPS` tiles."""
-  candidates = [t for t in TILES if t < max(q_len, kv_len) and -(-q_len // t) <= MAX_GROUPS]
+  smaller = [t for t in TILES if t < max(q_len, kv_len)]
+  # past MAX_GROUPS * TILES[-1] queries the largest tile stays a candidate (else only the dense one-tile plan would)
+  candidates = [t for t in smaller if -(-q_len // t) <= MAX_GROUPS] or smaller[-1:]
   candidates.append(max(q_len, kv_len))  # one tile: the dense computation (minus empty rows / diagonal runs)
   return min((_plan_for_tile(mask, q_len, kv_len, t) for t in candidates), key=lambda p: (p.cost, len(p.groups)))
 
