@@ -22,6 +22,12 @@ the model's calls (``with interpret_mode(backend="tpu"):``; ``"tpu"`` interprets
 but slowly, ``"gpu"`` the Triton kernels quickly). ``with target_backend("tpu"):`` makes the *compiled* kernels of
 that backend the choice whatever the running backend (AOT compiles for a TPU slice from a CPU host).
 
+Tiles: the block-sparse kernel's TPU tiles are chosen per TPU generation, head dim, mask and lengths from the
+measured table of :mod:`kernels_pallas.tile_table`. The generation is the one named by
+``target_backend("tpu", generation=...)``, else the one of the devices compiled for
+(:func:`kernels_pallas.tile_table.detect_generation`: the ``jax.set_mesh`` mesh's devices, which an AOT compile
+for a TPU slice traces under); it is resolved outside the ``shard_map`` and passed to the kernel.
+
 Sharding
 --------
 Mosaic/Triton calls cannot be partitioned automatically, so under an abstract mesh with more than one device
@@ -51,6 +57,7 @@ from ardiff import masks as masks_lib
 from ardiff import sharding as sharding_lib
 from kernels_pallas import block_sparse_attention as block_sparse_lib
 from kernels_pallas import decode_attention as decode_lib
+from kernels_pallas import tile_table
 from kernels_pallas.common import BACKENDS
 from kernels_pallas.reference import allowed_bqk, reference_attention  # noqa: F401 - re-exported: the test oracle
 
@@ -60,6 +67,7 @@ KV_AXES = ("batch", "length", "kv_heads", "head_dim")  # logical names of k and 
 
 _INTERPRET: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("ardiff_pallas_interpret", default=None)
 _TARGET: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("ardiff_pallas_target", default=None)
+_GENERATION: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("ardiff_tpu_generation", default=None)
 
 
 def resolve_impl(impl: str) -> str:
@@ -106,10 +114,28 @@ def interpret_mode(backend: str = "tpu"):
   return _override(_INTERPRET, backend, "interpret_mode backend")
 
 
-def target_backend(backend: str = "tpu"):
+@contextlib.contextmanager
+def target_backend(backend: str = "tpu", generation: Optional[str] = None):
   """Within the block, :func:`pallas_attention` compiles ``backend``'s kernels (not interpreted) regardless of
-  ``jax.default_backend()``: for AOT compiles that run on a CPU host but target TPU devices."""
-  return _override(_TARGET, backend, "target_backend")
+  ``jax.default_backend()``: for AOT compiles that run on a CPU host but target TPU devices. ``generation``
+  (``"v5e"``, ``"v6e"``, ``"v5p"``, ``"v4"``) names the TPU generation the kernel tiles are chosen for; None →
+  the generation of the devices compiled for (:func:`kernels_pallas.tile_table.detect_generation`)."""
+  if generation is not None and generation not in tile_table.GENERATIONS:
+    raise ValueError(f"target_backend generation must be one of {tile_table.GENERATIONS} or None, got "
+                     f"{generation!r}.")
+  if generation is not None and backend != "tpu":
+    raise ValueError(f"target_backend: generation={generation!r} names a TPU generation, but backend={backend!r}.")
+  token = _GENERATION.set(generation)
+  try:
+    with _override(_TARGET, backend, "target_backend"):
+      yield
+  finally:
+    _GENERATION.reset(token)
+
+
+def tpu_generation() -> Optional[str]:
+  """The TPU generation the kernels' tiles are chosen for: :func:`target_backend`'s, else the devices'."""
+  return _GENERATION.get() or tile_table.detect_generation()
 
 
 def _resolve(backend: Optional[str], interpret: bool) -> tuple[str, bool]:
@@ -147,8 +173,10 @@ def pallas_attention(q, k, v, *, mask: masks_lib.Mask, q_offsets=None, q_segment
   ``backend``/``interpret`` override the backend choice for one call (see the module docstring).
   """
   backend, interpret = _resolve(backend, interpret)
+  # Resolved here, outside the shard_map, where the mesh in scope still names its devices.
+  generation = tpu_generation() if backend == "tpu" else None
   call = functools.partial(_kernel_call, mask=mask, sm_scale=sm_scale, logit_soft_cap=logit_soft_cap,
-                           backend=backend, interpret=interpret)
+                           backend=backend, interpret=interpret, generation=generation)
   if kv_lengths is None:
     _check_zero_offsets(q_offsets)
     q_offsets = None  # concrete zeros: the block-sparse kernel assumes them
@@ -176,7 +204,7 @@ def _check_zero_offsets(q_offsets) -> None:
 
 
 def _kernel_call(q, k, v, *, mask, q_offsets, q_segment_ids, kv_segment_ids, kv_lengths, sm_scale,
-                 logit_soft_cap, backend, interpret):
+                 logit_soft_cap, backend, interpret, generation):
   if kv_lengths is not None:
     if q_segment_ids is not None or kv_segment_ids is not None:
       raise NotImplementedError(
@@ -191,7 +219,7 @@ def _kernel_call(q, k, v, *, mask, q_offsets, q_segment_ids, kv_segment_ids, kv_
   return block_sparse_lib.block_sparse_attention(q, k, v, mask=mask, q_segment_ids=q_segment_ids,
                                                  kv_segment_ids=kv_segment_ids, sm_scale=sm_scale,
                                                  logit_soft_cap=logit_soft_cap, backend=backend,
-                                                 interpret=interpret)
+                                                 interpret=interpret, generation=generation)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -63,6 +63,11 @@ from kernels_pallas._block_sparse_tpu import _tpu_bwd, _tpu_fwd
 # ------------------------------------------------------------------------------------------------------------------
 # Validation.
 
+# q, k, v layouts: token-major [batch, len, heads, head_dim] (the model's) or head-major [batch, heads, len,
+# head_dim], the kernels' own, which a caller that already holds it passes without a transpose.
+LAYOUTS = ("bthd", "bhtd")
+LAYOUT_NAMES = {"bthd": "[batch, len, heads, head_dim]", "bhtd": "[batch, heads, len, head_dim]"}
+
 
 def _check_block(backend: str, name: str, block: int, length: int) -> None:
   if not isinstance(block, (int, np.integer)) or isinstance(block, bool) or block <= 0:
@@ -96,22 +101,40 @@ def _default_block(backend: str, length: int) -> int:
   return base
 
 
-def _validate(q, k, v, q_segment_ids, kv_segment_ids, mask, sm_scale, logit_soft_cap):
+def _default_blocks(backend: str, mask, q_len: int, kv_len: int, head_dim: int, generation) -> tuple:
+  """(block_q, block_kv) when the caller passes none: TPU from the measured per-generation table."""
+  if backend == "tpu":
+    return tile_table.tpu_tiles(mask, q_len, kv_len, head_dim, generation=generation)
+  return _default_block(backend, q_len), _default_block(backend, kv_len)
+
+
+def _bthd(shape, layout: str) -> tuple:
+  """``[batch, len, heads, head_dim]`` dims of an array given in ``layout``."""
+  return tuple(shape) if layout == "bthd" else (shape[0], shape[2], shape[1], shape[3])
+
+
+def _validate(q, k, v, q_segment_ids, kv_segment_ids, mask, sm_scale, logit_soft_cap, layout="bthd"):
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS} (q, k, v as [batch, len, heads, head_dim] or "
+                     f"[batch, heads, len, head_dim]), got {layout!r}.")
+  names = LAYOUT_NAMES[layout]
   for name, x in (("q", q), ("k", k), ("v", v)):
     if getattr(x, "ndim", None) != 4:
-      raise ValueError(f"{name} must be [batch, len, heads, head_dim], got shape {getattr(x, 'shape', None)}.")
-  b, t, h, d = q.shape
-  if k.shape != v.shape:
-    raise ValueError(f"k {k.shape} and v {v.shape} must have the same shape [batch, kv_len, kv_heads, head_dim].")
-  if k.shape[0] != b:
-    raise ValueError(f"q batch {b} != k/v batch {k.shape[0]}; pass the same batch size.")
-  if k.shape[3] != d:
-    raise ValueError(f"q head_dim {d} != k/v head_dim {k.shape[3]}; pass equal head dims.")
-  if k.shape[2] == 0 or h % k.shape[2]:
-    raise ValueError(f"kv_heads={k.shape[2]} must divide heads={h} (grouped-query attention); use a kv head count "
+      raise ValueError(f"{name} must be {names} (layout={layout!r}), got shape {getattr(x, 'shape', None)}.")
+  qs, ks, vs = (_bthd(x.shape, layout) for x in (q, k, v))
+  b, t, h, d = qs
+  if ks != vs:
+    raise ValueError(f"k {k.shape} and v {v.shape} must have the same shape "
+                     f"{names.replace('len', 'kv_len').replace('heads', 'kv_heads')}.")
+  if ks[0] != b:
+    raise ValueError(f"q batch {b} != k/v batch {ks[0]}; pass the same batch size.")
+  if ks[3] != d:
+    raise ValueError(f"q head_dim {d} != k/v head_dim {ks[3]}; pass equal head dims.")
+  if ks[2] == 0 or h % ks[2]:
+    raise ValueError(f"kv_heads={ks[2]} must divide heads={h} (grouped-query attention); use a kv head count "
                      f"that divides {h}.")
-  if t == 0 or k.shape[1] == 0:
-    raise ValueError(f"q_len={t} and kv_len={k.shape[1]} must be positive.")
+  if t == 0 or ks[1] == 0:
+    raise ValueError(f"q_len={t} and kv_len={ks[1]} must be positive.")
   if not (jnp.issubdtype(q.dtype, jnp.floating) and q.dtype == k.dtype == v.dtype):
     raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
   if (q_segment_ids is None) != (kv_segment_ids is None):
@@ -119,8 +142,8 @@ def _validate(q, k, v, q_segment_ids, kv_segment_ids, mask, sm_scale, logit_soft
   if q_segment_ids is not None:
     if tuple(q_segment_ids.shape) != (b, t):
       raise ValueError(f"q_segment_ids must be [batch, q_len] = {(b, t)}, got {tuple(q_segment_ids.shape)}.")
-    if tuple(kv_segment_ids.shape) != (b, k.shape[1]):
-      raise ValueError(f"kv_segment_ids must be [batch, kv_len] = {(b, k.shape[1])}, got "
+    if tuple(kv_segment_ids.shape) != (b, ks[1]):
+      raise ValueError(f"kv_segment_ids must be [batch, kv_len] = {(b, ks[1])}, got "
                        f"{tuple(kv_segment_ids.shape)}.")
     for name, s in (("q_segment_ids", q_segment_ids), ("kv_segment_ids", kv_segment_ids)):
       if not jnp.issubdtype(s.dtype, jnp.integer):
@@ -175,32 +198,40 @@ _bsa.defvjp(_bsa_fwd, _bsa_bwd)
 def block_sparse_attention(q, k, v, *, mask: masks_lib.Mask, q_segment_ids=None, kv_segment_ids=None,
                            sm_scale: Optional[float] = None, logit_soft_cap: Optional[float] = None,
                            block_q: Optional[int] = None, block_kv: Optional[int] = None,
-                           backend: Optional[str] = None, interpret=False, debug_counter: bool = False):
+                           backend: Optional[str] = None, interpret=False, debug_counter: bool = False,
+                           layout: str = "bthd", generation: Optional[str] = None):
   """Block-sparse flash attention; same result as :func:`kernels_pallas.reference.reference_attention`.
 
   Args:
-    q: ``[b, T, h, d]``; k, v: ``[b, S, kvh, d]`` with ``kvh | h``. One floating dtype.
+    q: ``[b, T, h, d]``; k, v: ``[b, S, kvh, d]`` with ``kvh | h``. One floating dtype. With ``layout="bhtd"``:
+      q ``[b, h, T, d]``, k, v ``[b, kvh, S, d]`` (head-major, the kernels' own layout: no transpose in or out).
     mask: a static :class:`ardiff.masks.Mask` over absolute positions ``0..T-1`` × ``0..S-1``.
     q_segment_ids, kv_segment_ids: optional int ``[b, T]`` / ``[b, S]``; 0 is padding (packing).
     sm_scale: logit scale (default ``d ** -0.5``). logit_soft_cap: optional ``cap * tanh(logits / cap)``.
-    block_q, block_kv: tile sizes (default TPU: :func:`kernels_pallas.tile_table.tpu_default_block`, 512 on long
-      sequences; GPU 64; short sequences use one tile). Lengths need not divide.
+    block_q, block_kv: tile sizes. Default on TPU: :func:`kernels_pallas.tile_table.tpu_tiles` for ``generation``
+      (the measured per-generation table; the length-only rule when the generation is unknown); GPU 64; short
+      sequences use one tile. Lengths need not divide.
     backend: ``"tpu"`` (Mosaic), ``"gpu"`` (Triton) or None (``jax.default_backend()``).
     interpret: run the backend's kernel in the Pallas interpreter (TPU: ``pltpu.InterpretParams``).
     debug_counter: return ``(out, visits)`` with ``visits: int32[b, h, q_tiles]`` = kv tiles computed by the
       forward kernel (not differentiable).
+    layout: ``"bthd"`` (default) or ``"bhtd"``, see q above; the output has the layout of q.
+    generation: the TPU generation the tiles are chosen for (``"v5e"``, ``"v6e"``, ``"v5p"``, ``"v4"``); None →
+      :func:`kernels_pallas.tile_table.detect_generation` (the mesh's or default device's kind).
 
   Returns:
-    ``[b, T, h, d]`` in q's dtype (or ``(out, visits)`` with ``debug_counter``). Differentiable w.r.t. q, k, v.
+    ``[b, T, h, d]`` (``[b, h, T, d]`` with ``layout="bhtd"``) in q's dtype (or ``(out, visits)`` with
+    ``debug_counter``). Differentiable w.r.t. q, k, v.
   """
-  _validate(q, k, v, q_segment_ids, kv_segment_ids, mask, sm_scale, logit_soft_cap)
+  _validate(q, k, v, q_segment_ids, kv_segment_ids, mask, sm_scale, logit_soft_cap, layout)
   backend = common.resolve_backend(backend, interpret, kernel="block-sparse attention")
-  b, t, h, d = q.shape
-  s, kvh = k.shape[1], k.shape[2]
+  b, t, h, d = _bthd(q.shape, layout)
+  s, kvh = _bthd(k.shape, layout)[1:3]
   if backend == "gpu" and not common.is_pow2(d):
     raise ValueError(f"GPU (Triton): head_dim={d} must be a power of two; pad the head dim or use backend='tpu'.")
-  bq = _default_block(backend, t) if block_q is None else block_q
-  bk = _default_block(backend, s) if block_kv is None else block_kv
+  bq, bk = _default_blocks(backend, mask, t, s, d, generation)
+  bq = bq if block_q is None else block_q
+  bk = bk if block_kv is None else block_kv
   _check_block(backend, "block_q", bq, t)
   _check_block(backend, "block_kv", bk, s)
   segments = q_segment_ids is not None
@@ -210,10 +241,12 @@ def block_sparse_attention(q, k, v, *, mask: masks_lib.Mask, q_segment_ids=None,
                 interpret=interpret, table=_use_table(backend, mask), segments=segments)
   meta = cfg.meta
   tp, sp = meta.padded_q_len, meta.padded_kv_len
+  head_major = (lambda x: x) if layout == "bhtd" else (lambda x: jnp.swapaxes(x, 1, 2))
+  pad = lambda x, n: x if n == 0 else jnp.pad(x, ((0, 0), (0, 0), (0, n), (0, 0)))
   with jax.named_scope("block_sparse_attention"):
-    qh = jnp.pad(jnp.swapaxes(q, 1, 2), ((0, 0), (0, 0), (0, tp - t), (0, 0)))
-    kh = jnp.pad(jnp.swapaxes(k, 1, 2), ((0, 0), (0, 0), (0, sp - s), (0, 0)))
-    vh = jnp.pad(jnp.swapaxes(v, 1, 2), ((0, 0), (0, 0), (0, sp - s), (0, 0)))
+    qh = pad(head_major(q), tp - t)
+    kh = pad(head_major(k), sp - s)
+    vh = pad(head_major(v), sp - s)
     qseg = kseg = None
     if segments:  # padded positions get segment 0 (= padding, never attends or is attended)
       qseg = jnp.pad(jnp.asarray(q_segment_ids, jnp.int32), ((0, 0), (0, tp - t)))
@@ -222,7 +255,7 @@ def block_sparse_attention(q, k, v, *, mask: masks_lib.Mask, q_segment_ids=None,
       o, _, visits = _fwd_impl(cfg, qh, kh, vh, qseg, kseg, counter=True)
     else:
       o = _bsa(cfg, qh, kh, vh, qseg, kseg)
-    out = jnp.swapaxes(o[:, :, :t], 1, 2)
+    out = head_major(o if tp == t else o[:, :, :t])
   return (out, visits) if debug_counter else out
 
 
