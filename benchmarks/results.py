@@ -46,8 +46,12 @@ def family_configs(args) -> dict:
   if not args.quick:
     out.update(mdlm=cfg("mdlm_shakespeare.py"), bd3_b8=cfg("bd3.py:block_size=8"),
                bd3_b16=cfg("bd3.py:block_size=16"), sdar_b4=cfg("finetune.py:recipe=sdar,block_size=4"),
-               fastdllm_b4=cfg("finetune.py:recipe=fastdllm_v2,block_size=4"), tidar_b4=cfg("tidar_shakespeare.py"))
+               fastdllm_b4=cfg("finetune.py:recipe=fastdllm_v2,block_size=4"), tidar_b4=cfg("tidar_shakespeare.py"),
+               bd3_b4_clip=cfg("bd3.py:block_size=4"))
     out["tidar_b4"].objective.block_size = 4
+    # A quality lever measured on its own row: BD3-LM's data-driven clipped noise schedule (the [lo, lo + w] of
+    # least NELBO variance, searched every eval_every steps on validation batches), else identical to bd3_b4.
+    out["bd3_b4_clip"].objective.update(clip_search=True, clip_search_every=100)
   ar_dir = os.path.join(args.runs_root, "ar")
   for name, c in out.items():
     if args.quick:
@@ -100,11 +104,16 @@ def heldout_loss(run_dir, args) -> float:
   return float(ev["nll_per_token"] if "nll_per_token" in ev else ev["nelbo_per_token"])
 
 
+LEVERS = ("bd3_b4_clip",)  # runs that differ from bd3_b4 by one training lever
+
+
 def sampler_settings(runs: dict) -> list:
   """(row name, sampler, model run, drafter run or None, options)."""
   rows = [("AR", "ar", "ar", None, {})]
   for name in runs:
-    if name.startswith(("bd3", "mdlm", "sdar", "fastdllm")):
+    if name in LEVERS:  # a quality lever: its default sampler only (the sampler settings are compared on bd3_b4)
+      rows.append((f"{name} top-1 confidence", "block_diffusion", name, None, dict(strategy="topk_confidence")))
+    elif name.startswith(("bd3", "mdlm", "sdar", "fastdllm")):
       rows += [(f"{name} top-1 confidence", "block_diffusion", name, None, dict(strategy="topk_confidence")),
                (f"{name} threshold 0.9", "block_diffusion", name, None, dict(strategy="threshold", threshold=0.9)),
                (f"{name} threshold 0.5", "block_diffusion", name, None, dict(strategy="threshold", threshold=0.5))]
@@ -237,10 +246,17 @@ def goals(runs, rows) -> list:
                  f"{'met' if ratio <= 1.15 else 'NOT met'} (NELBO bound vs NLL).")
   b1 = [r for r in rows if r["batch"] == 1]
   ar = next(r for r in b1 if r["sampler"] == "AR")
-  fast = [r for r in b1 if r["tokens_per_forward"] >= 2 and r["gen_ppl"] <= 1.1 * ar["gen_ppl"]
-          and r["tokens_per_s"] >= 1.5 * ar["tokens_per_s"]]
-  out.append("- a setting with >= 2 tokens/forward, gen-PPL within 10% of AR and >= 1.5x AR tokens/s at batch 1: "
-             + (", ".join(r["sampler"] for r in fast) + ": met" if fast else "NOT met"))
+  # Speed at batch 1, quality from the same setting's batch-8 samples (8x the tokens: one batch-1 sample's gen-PPL
+  # moves by tens of percent from seed to seed, even for the exact samplers whose law is the AR model's).
+  ppl8 = {r["sampler"]: r["gen_ppl"] for r in rows if r["batch"] == 8}
+  fast = [r for r in b1 if r["tokens_per_forward"] >= 2 and r["tokens_per_s"] >= 1.5 * ar["tokens_per_s"]
+          and ppl8.get(r["sampler"], float("inf")) <= 1.1 * ppl8["AR"]]
+  near = [f"{r['sampler']} ({r['tokens_per_forward']:.2f} tokens/forward, {r['tokens_per_s'] / ar['tokens_per_s']:.2f}x"
+          f" AR tokens/s, gen-PPL {ppl8.get(r['sampler'], float('nan')) / ppl8['AR']:.2f}x AR's)"
+          for r in b1 if r["tokens_per_forward"] >= 2]
+  out.append("- a setting with >= 2 tokens/forward and >= 1.5x AR tokens/s at batch 1, gen-PPL (batch 8) within 10% "
+             "of AR's: " + (", ".join(r["sampler"] for r in fast) + ": met" if fast else "NOT met")
+             + (f"; settings at >= 2 tokens/forward: {'; '.join(near)}" if near else ""))
   for fam in ("TiDAR", "DiffuSpec"):
     exact = [r for r in b1 if r["sampler"].startswith(fam) and "lossy" not in r["sampler"]]
     if exact:
