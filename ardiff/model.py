@@ -230,6 +230,50 @@ _REMAT_POLICIES = {
 }
 
 
+def _stacked_layer_params(variables) -> dict:
+  """The ``[layers, ...]`` parameters of the scanned stack (``params/layers``), plain arrays."""
+  if "params" not in variables or "layers" not in variables["params"]:
+    raise ValueError("scan_layers=True, but the parameters have no 'layers' stack (keys: "
+                     f"{sorted(variables.get('params', {}))}); were they made with scan_layers=False? Build the "
+                     "model with the same scan_layers as the checkpoint.")
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, variables["params"]["layers"],
+                      is_leaf=is_box)
+
+
+def _layer_stack(cfg: ModelConfig, mask, stacked: dict, x, positions_bt, segment_ids_bt):
+  """The ``scan_layers`` decoder stack of an uncached forward: ``x [batch, length, embed]`` through every layer of
+  ``stacked`` (each leaf ``[layers, ...]``, the layout ``nn.scan`` creates and checkpoints hold).
+
+  Compiled for CPU the layers are unrolled; elsewhere they are a rolled ``lax.scan``. Rolled, the backward pass
+  reads its residuals from ``[layers, ...]`` stacks that the loop zero-fills, writes with dynamic-update-slice,
+  copies and slices again; XLA:CPU runs all of that (and first-touches the stacks' pages on every step, its temp
+  arena being a fresh allocation per execution): measured a third of the CPU train step's op time at the
+  issue-19 shape. TPU/GPU keep the rolled loop (compile time, and the schedule their memory estimates assume).
+  The choice is made at lowering (``lax.platform_dependent``), for the platform compiled for, so an AOT TPU
+  compile from a CPU host gets the rolled loop. Cached forwards do not come here: they keep ``nn.scan`` (rolled on
+  every platform), so the stacked K/V cache is updated in place and never copied whole."""
+  def layer(p, x, prevent_cse):
+    def run(p, x):
+      return DecoderLayer(cfg, mask, parent=None).apply({"params": p}, x, positions_bt, segment_ids_bt,
+                                                        None, None, None)[0]
+    if cfg.remat_policy != "none":  # the same policy nn.remat applies to the module
+      run = jax.checkpoint(run, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=prevent_cse)
+    return run(p, x)
+
+  def rolled(stacked, x):
+    with jax.named_scope("layers"):
+      return jax.lax.scan(lambda x, p: (layer(p, x, False), None), x, stacked)[0]
+
+  def unrolled(stacked, x):
+    for i in range(cfg.num_layers):
+      with jax.named_scope(f"layers_{i}"):  # unrolled, a CSE barrier keeps XLA from merging remat recomputation
+        x = layer(jax.tree.map(lambda a: a[i], stacked), x, True)
+    return x
+
+  return jax.lax.platform_dependent(stacked, x, cpu=unrolled, default=rolled)
+
+
 class Transformer(nn.Module):
   """``apply({'params': p}, tokens, mask=..., positions=..., segment_ids=..., cache=...) -> ModelOutput``."""
 
@@ -271,7 +315,9 @@ class Transformer(nn.Module):
     cache_k = cache.k if cache is not None else None
     cache_v = cache.v if cache is not None else None
     lengths = cache.lengths if cache is not None else None
-    if cfg.scan_layers:
+    if cfg.scan_layers and cache is None and not self.is_initializing():
+      x = _layer_stack(cfg, mask, _stacked_layer_params(self.variables), x, positions, segment_ids)
+    elif cfg.scan_layers:
       cache_axis = 0 if cache is not None else nn.broadcast
       stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, cache_axis, cache_axis, nn.broadcast),
