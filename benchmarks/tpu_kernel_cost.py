@@ -131,6 +131,9 @@ def _build(case: Case, dev):
 # The dump reader is shared with ``python -m ardiff compile`` (its whole-step kernel estimate).
 sys.path.insert(0, ROOT)
 from ardiff.training.tpu_cost import _lines, dump_flags, loop_estimate, parse_bundles  # noqa: E402,F401
+# TensorCores per chip (megacore v4/v5p: the parallel grid dimensions run split over two cores, each running half
+# the grid steps, the dumped loop's trip count, and half the tiles; the estimate is one core's share = the chip's).
+from kernels_pallas.tile_table import CORES  # noqa: E402
 
 
 def _vmem_bytes(dump: str, kernel: str):
@@ -184,7 +187,9 @@ def run_case(case: Case, dump: str) -> dict:
       continue
     a = parse_bundles(sorted(files)[0])
     # ardiff: an unmasked then a masked compute body; splash (or a mask-free compile): one body for every tile
-    fig = loop_estimate(a, rows=rows[pass_], full_tiles=counts["full"], partial_tiles=counts["partial"],
+    cores = CORES[case.gen]
+    fig = loop_estimate(a, rows=rows[pass_] // cores, full_tiles=counts["full"] // cores,
+                        partial_tiles=counts["partial"] // cores,
                         two_kinds=case.impl == "ardiff")
     full, partial, steps, overhead, est = fig["full"], fig["partial"], fig["steps"], fig["overhead"], fig["estimate"]
     macs = case.tile * case.tile * case.head_dim * (MATMULS[pass_] + (1 if fused and pass_ == "dkv" else 0))
@@ -192,7 +197,8 @@ def run_case(case: Case, dump: str) -> dict:
     key = pass_ + ("+dq" if fused and pass_ == "dkv" else "")
     out["passes"][key] = {"full": full, "partial": partial, "overhead": overhead, "once_per_row": sum(a["other"]),
                             "steps": steps, "estimate": est,
-                            "floor": floor_tile * (counts["full"] + counts["partial"]), "floor_tile": floor_tile,
+                            "floor": floor_tile * (counts["full"] + counts["partial"]) // cores,
+                            "floor_tile": floor_tile,
                             "vmem": _vmem_bytes(dump, prefix)}
   return out
 
