@@ -103,7 +103,10 @@ def _tpu_fwd_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref,
     l, m = l_scr[...][:, :1], m_scr[...][:, :1]
     o, lse = _finalize(l, m, acc_scr[...])
     o_ref[...] = o.astype(o_ref.dtype)
-    lse_ref[...] = lse
+    # Stored as a lane-dense row (1, bq): a (bq, 1) column block lands in HBM padded to 128 lanes (128x the bytes),
+    # and slicing it back cost the train step an XLA reduce over the padded array (3.8 M cycles per step,
+    # configs/bd3_1b_tpu.py on v5p). One XLU transpose per query tile.
+    lse_ref[...] = jnp.transpose(jnp.broadcast_to(lse, (lse.shape[0], LANES)))[:1]
 
 
 def _smem_tables(index, kind, count, block_id):
@@ -155,9 +158,10 @@ def _tpu_fwd(cfg: _Config, q, k, v, qseg, kseg, counter: bool):
   in_specs = [pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bk, d), kv_map),
               pl.BlockSpec((None, None, bk, d), kv_map), *seg_specs, tbl_spec]
   operands = [q, k, v, *seg_operands, tbl]
-  out_specs = [pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bq, 1), q_map),
+  row_map = lambda bi, hi, qi, j, *_: (bi, hi, 0, qi)
+  out_specs = [pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, 1, bq), row_map),
                pl.BlockSpec(memory_space=pltpu.SMEM) if counter else None]
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp, 1), jnp.float32),
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, 1, tp), jnp.float32),
                jax.ShapeDtypeStruct((b, h, nq), jnp.int32) if counter else None]
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=4, grid=(b, h, nq, width), in_specs=in_specs, out_specs=out_specs,
@@ -170,7 +174,7 @@ def _tpu_fwd(cfg: _Config, q, k, v, qseg, kseg, counter: bool):
       cost_estimate=_cost(cfg, b, h, d, q.dtype.itemsize, "fwd"),
       interpret=cfg.interpret_arg, name=f"block_sparse_attention_fwd_tpu_bq{bq}_bk{bk}",
   )(*_smem_tables(meta.fwd_kv_index, meta.fwd_kind, meta.fwd_count, meta.fwd_block_id), *operands)
-  return outs[0], outs[1][..., 0], outs[2]
+  return outs[0], outs[1][:, :, 0], outs[2]
 
 
 def _tpu_dq_kernel(kv_idx_ref, kind_ref, cnt_ref, blk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
