@@ -202,17 +202,43 @@ def tiled_attention(q, k, v, *, mask: masks_lib.Mask, q_segment_ids=None, kv_seg
   qh = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4)
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, kv_len, head_dim]
   pv_dtype = jnp.float32 if (v.dtype == jnp.float32 or jax.default_backend() == "cpu") else v.dtype
+  q_rows = _Pieces(qh, 3, [x for grp in p_lan.groups for x in (grp.row_start, grp.row_stop)])
+  key_cuts = [x for grp in p_lan.groups for run in grp.runs for x in (run.start, run.stop)]
+  k_runs, v_runs = _Pieces(kh, 2, key_cuts), _Pieces(vh, 2, key_cuts)
   outs, covered = [], 0
   zeros = lambda rows: jnp.zeros((b, kvh, g, rows, d), q.dtype)
   for grp in p_lan.groups:
     if grp.row_start > covered:
       outs.append(zeros(grp.row_start - covered))
-    outs.append(_group_attention(qh, kh, vh, grp, q_segment_ids, kv_segment_ids, scale, logit_soft_cap, pv_dtype))
+    outs.append(_group_attention(q_rows.take(grp.row_start, grp.row_stop), k_runs, v_runs, grp, q_segment_ids,
+                                 kv_segment_ids, scale, logit_soft_cap, pv_dtype))
     covered = grp.row_stop
   if covered < t:
     outs.append(zeros(t - covered))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+class _Pieces:
+  """``x`` cut along ``axis`` at every static boundary in ``cuts`` (one ``lax.split``); :meth:`take` returns
+  ``x[start:stop]`` along that axis as the concatenation of the pieces it spans.
+
+  Why not ``x[start:stop]``: the gradient of a slice is a zero-padded array of ``x``'s full size, so the backward
+  pass of the plan's overlapping runs (a causal prefix per row group) summed one full-length padded ``dK``/``dV``
+  per run, and one padded ``dq`` per row group: on CPU those pads were the largest elementwise cost of the BD3 train
+  step. The transpose of ``split`` is a ``concatenate`` and that of ``concatenate`` a set of slices, so each piece's
+  gradient is the sum of the runs' slices over that piece only, and ``dx`` is one concatenation."""
+
+  def __init__(self, x, axis: int, cuts):
+    n = x.shape[axis]
+    self.bounds = sorted({0, n, *(int(c) for c in cuts)})
+    sizes = [b - a for a, b in zip(self.bounds, self.bounds[1:])]
+    self.parts = jax.lax.split(x, sizes, axis=axis) if len(sizes) > 1 else [x]
+    self.axis = axis
+
+  def take(self, start: int, stop: int):
+    i, j = self.bounds.index(int(start)), self.bounds.index(int(stop))
+    return self.parts[i] if j == i + 1 else jnp.concatenate(self.parts[i:j], axis=self.axis)
 
 
 def _run_blocks(run: Run, rows: int) -> int:
@@ -239,13 +265,14 @@ def _run_values(p_run, v_run, n):
   return o.reshape(b, kvh, g, rows, -1)
 
 
-def _group_attention(qh, kh, vh, grp: Group, q_seg, kv_seg, scale, soft_cap, pv_dtype):
-  """One row group: ``[b, kvh, g, rows, d]`` (head-major operands, see :func:`tiled_attention`)."""
-  b = qh.shape[0]
+def _group_attention(q_rows, k_runs: _Pieces, v_runs: _Pieces, grp: Group, q_seg, kv_seg, scale, soft_cap,
+                     pv_dtype):
+  """One row group: ``q_rows [b, kvh, g, rows, d]`` -> ``[b, kvh, g, rows, d]`` (head-major operands, see
+  :func:`tiled_attention`); ``k_runs``/``v_runs`` hold ``[b, kvh, kv_len, d]`` cut at the plan's run bounds."""
+  b = q_rows.shape[0]
   r0, r1 = grp.row_start, grp.row_stop
   rows = r1 - r0
-  q_rows = qh[:, :, :, r0:r1]
-  scores = [_run_scores(q_rows, kh[:, :, run.start:run.stop], _run_blocks(run, rows)) for run in grp.runs]
+  scores = [_run_scores(q_rows, k_runs.take(run.start, run.stop), _run_blocks(run, rows)) for run in grp.runs]
   allowed = [_run_allowed(run, r0, rows, q_seg, kv_seg) for run in grp.runs]
   sc = scores[0] if len(scores) == 1 else jnp.concatenate(scores, axis=-1)
   sc = sc * scale
@@ -263,13 +290,12 @@ def _group_attention(qh, kh, vh, grp: Group, q_seg, kv_seg, scale, soft_cap, pv_
   if guard:
     denom = jnp.where(denom == 0.0, 1.0, denom)
   p = (p / denom).astype(pv_dtype)
-  out, col = 0.0, 0
-  for run, sc_run in zip(grp.runs, scores):
-    width = sc_run.shape[-1]
-    out = out + _run_values(p[..., col:col + width], vh[:, :, run.start:run.stop].astype(pv_dtype),
-                            _run_blocks(run, rows))
-    col += width
-  return out.astype(qh.dtype)
+  widths = [sc_run.shape[-1] for sc_run in scores]
+  p_runs = jax.lax.split(p, widths, axis=-1) if len(widths) > 1 else [p]  # as _Pieces: no padded gradients
+  out = 0.0
+  for run, p_run in zip(grp.runs, p_runs):
+    out = out + _run_values(p_run, v_runs.take(run.start, run.stop).astype(pv_dtype), _run_blocks(run, rows))
+  return out.astype(q_rows.dtype)
 
 
 def _run_allowed(run: Run, r0: int, rows: int, q_seg, kv_seg):
