@@ -188,14 +188,18 @@ def run_case(case: Case, dump: str) -> dict:
     a = parse_bundles(sorted(files)[0])
     # ardiff: an unmasked then a masked compute body; splash (or a mask-free compile): one body for every tile
     cores = CORES[case.gen]
+    # The fused dQ's init and finalize run once per (batch row, kv head), not per kv tile.
     fig = loop_estimate(a, rows=rows[pass_] // cores, full_tiles=counts["full"] // cores,
                         partial_tiles=counts["partial"] // cores,
+                        outer_rows=(case.batch * case.kv_heads // cores
+                                    if pass_ == "dkv" and case.impl == "ardiff" else None),
                         two_kinds=case.impl == "ardiff")
     full, partial, steps, overhead, est = fig["full"], fig["partial"], fig["steps"], fig["overhead"], fig["estimate"]
     macs = case.tile * case.tile * case.head_dim * (MATMULS[pass_] + (1 if fused and pass_ == "dkv" else 0))
     floor_tile = macs // MACS_PER_CYCLE[case.gen]
     key = pass_ + ("+dq" if fused and pass_ == "dkv" else "")
-    out["passes"][key] = {"full": full, "partial": partial, "overhead": overhead, "once_per_row": sum(a["other"]),
+    out["passes"][key] = {"full": full, "partial": partial, "overhead": overhead, "once_per_row": fig["once_per_row"],
+                            "once_per_outer_row": fig["once_per_outer_row"],
                             "steps": steps, "estimate": est,
                             "floor": floor_tile * (counts["full"] + counts["partial"]) // cores,
                             "floor_tile": floor_tile,

@@ -12,7 +12,7 @@ table whatever the mask); only how many tiles of each kind a call visits does, a
 block classes. So :func:`tpu_tiles` ranks the candidate tiles of a call by
 
   ``q_tiles * fwd_width * step + q_tiles * row + UNMASKED * full + MASKED * partial`` (forward)
-  + the same over the transposed lists (dK/dV + dQ),
+  + the same over the transposed lists, plus the dQ accumulator's init and finalize once (dK/dV + dQ),
 
 per (batch row, head), exactly the estimate the benchmark prints, for the call's own mask and lengths, and takes
 the cheapest. Padding is visited and masked like any partial tile, so a tile that does not divide the length pays
@@ -26,21 +26,21 @@ default scoped VMEM at head dims up to 256. A head dim between measured ones use
 (its costs are an upper bound).
 
 Checked against calls the table was not built from (causal, ``--head-dim 128``/``64``): v6e T = 4096 predicted
-0.834 / 0.792 M bundles at 512 / 1024 tiles, measured 0.834 / 0.792 (1024 wins there: v6e's 1024 tile costs less
-per element than its 512 tile, v5e's does not); v6e T = 2048 predicted 0.247 / 0.254, measured 0.239 / 0.250; v5e
-d = 64 T = 2048 at 256 / 512 predicted 0.553 / 0.361, measured 0.520 / 0.344 (the fused dQ's once-per-row
-writeback shrinks with the length; the ranking holds).
+0.810 / 0.786 M bundles at 512 / 1024 tiles, measured 0.810 / 0.786 (1024 wins there: v6e's 1024 tile costs less
+per element than its 512 tile, v5e's does not); v6e T = 2048 predicted 0.238 / 0.254, measured 0.236 / 0.252; v5e
+d = 64 T = 2048 at 256 / 512 predicted 0.500 / 0.340, measured 0.496 / 0.336 (the dQ accumulator's init and
+finalize, measured at T = 4096, shrink with the length; the ranking holds).
 
 Why the DMA tile is not separate from the compute sub-tile (splash's ``block_kv_compute``): nothing measured
 needs it or gains from it. Scoped VMEM a call holds (every window double-buffered plus scratch, read from libtpu's
 allocation dump; v5e, T = 4096, d = 128): 512 tiles: forward 3.8 MiB, dK/dV+dQ 8.1 MiB; 1024 tiles: forward
-12.5 MiB, dK/dV+dQ 16.2 MiB, of which 8 MiB is the partial-tile table (Mosaic keeps the bool table as 32-bit in
+11.6 MiB, dK/dV+dQ 16.2 MiB, of which 8 MiB is the partial-tile table (Mosaic keeps the bool table as 32-bit in
 VMEM: 4 MiB per 1024 x 1024 window). Every tile up to 1024 compiled at head dims 64 and 128 on v5e, v6e and v5p
-within the default limits. Larger tiles do not pay: a grid step's fixed overhead is 46-74 bundles (v5p 114-236)
+within the default limits. Larger tiles do not pay: a grid step's fixed overhead is 48-75 bundles (v5p 115-236)
 against 1,140-2,300 for a 512 tile's body, so 1024 DMA tiles over 512 compute sub-tiles could save at most ~4% of
-a call, while on banded masks (BD3) a coarser DMA tile visits more empty area (BD3 T = 4096: 1024 tiles cost 1.18x
-(v5e) / 1.10-1.12x (v6e) the 512 ones). Above head dim 128 (not measured) the table is not used and tiles stay
-at most 512.
+a call, while on banded masks (BD3) a coarser DMA tile visits more empty area (BD3 T = 4096: 1024 tiles cost
+(v5e: 1.22-1.23x, v6e: 1.14-1.16x the 512 ones). Above head dim 128 (not measured) the table is not used and
+tiles stay at most 512.
 """
 
 from __future__ import annotations
@@ -61,57 +61,56 @@ DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5"
 CORES = {"v4": 2, "v5e": 1, "v5p": 2, "v6e": 1}
 
 # MEASURED[(generation, head_dim)][tile] = (fwd_full, fwd_partial, fwd_row, fwd_step,
-#                                          bwd_full, bwd_partial, bwd_row, bwd_step)
-# in bundles, bwd = the dK/dV kernel that also computes dQ. A tile missing for a generation failed to compile
-# (scoped VMEM); none did at head dim <= 128, T = 4096. Measured with benchmarks/tpu_kernel_cost.py, JAX/libtpu 0.10.2,
-# on a CPU host. Per-step overhead on v5p is per core step (megacore bookkeeping makes it 114-236 bundles). The forward's
-# once-per-row figure predates the logsumexp's lane-dense row store (+124 bundles per query tile at 512 on v5e, +1%
-# of a call); the ranking does not move.
+#                                          bwd_full, bwd_partial, bwd_row, bwd_step, bwd_once)
+# in bundles, bwd = the dK/dV kernel that also computes dQ; bwd_once = its dQ accumulator's init + finalize, run
+# once per (batch row, kv head) (at T = 4096: it scales with the length). A tile missing for a generation failed to
+# compile (scoped VMEM); none did at head dim <= 128, T = 4096. Measured with benchmarks/tpu_kernel_cost.py,
+# JAX/libtpu 0.10.2, on a CPU host. Per-step overhead on v5p is per core step (megacore bookkeeping: 115-236).
 MEASURED: dict = {
     ('v5e', 64): {
-        128: (246, 271, 171, 46, 307, 340, 1084, 75),
-        256: (492, 552, 308, 46, 872, 894, 1147, 74),
-        512: (1140, 1218, 577, 46, 2293, 2568, 1275, 74),
-        1024: (5028, 4917, 1105, 46, 9281, 9483, 1531, 74),
+        128: (246, 271, 204, 48, 307, 340, 46, 75, 1038),
+        256: (492, 552, 363, 49, 872, 894, 109, 74, 1038),
+        512: (1140, 1218, 711, 49, 2293, 2568, 237, 74, 1038),
+        1024: (5028, 4917, 1396, 49, 9281, 9483, 493, 74, 1038),
     },
     ('v5e', 128): {
-        128: (247, 271, 171, 46, 322, 352, 854, 75),
-        256: (492, 549, 305, 46, 861, 867, 902, 74),
-        512: (1147, 1221, 568, 46, 2303, 2491, 1001, 74),
-        1024: (5047, 4970, 1090, 46, 9133, 9156, 1198, 74),
+        128: (247, 271, 204, 48, 322, 352, 30, 75, 824),
+        256: (492, 549, 356, 49, 861, 867, 78, 74, 824),
+        512: (1147, 1221, 692, 49, 2303, 2491, 177, 74, 824),
+        1024: (5047, 4970, 1393, 49, 9133, 9156, 374, 74, 824),
     },
     ('v5p', 64): {
-        128: (246, 273, 171, 218, 315, 345, 1089, 235),
-        256: (515, 547, 309, 218, 873, 893, 1159, 236),
-        512: (1150, 1216, 574, 218, 2297, 2572, 1287, 236),
-        1024: (5072, 4997, 1104, 218, 8983, 9183, 1543, 236),
+        128: (246, 273, 205, 214, 315, 345, 51, 235, 1038),
+        256: (515, 547, 356, 215, 873, 893, 121, 236, 1038),
+        512: (1150, 1215, 708, 215, 2297, 2572, 249, 236, 1038),
+        1024: (5116, 4956, 1409, 215, 8983, 9183, 505, 236, 1038),
     },
     ('v5p', 128): {
-        128: (250, 272, 169, 114, 314, 346, 860, 235),
-        256: (514, 546, 305, 114, 791, 873, 915, 236),
-        512: (1144, 1224, 568, 114, 2260, 2492, 1014, 236),
-        1024: (5033, 5076, 1091, 114, 9199, 9156, 1211, 236),
+        128: (250, 272, 205, 115, 314, 346, 36, 235, 824),
+        256: (514, 546, 351, 116, 791, 873, 91, 236, 824),
+        512: (1140, 1224, 697, 116, 2260, 2492, 190, 236, 824),
+        1024: (5040, 5128, 1395, 116, 9199, 9156, 387, 236, 824),
     },
     ('v6e', 64): {
-        128: (222, 218, 117, 46, 299, 303, 635, 75),
-        256: (531, 543, 203, 46, 793, 797, 660, 74),
-        512: (905, 981, 364, 46, 1480, 1600, 730, 74),
-        1024: (3140, 3635, 607, 46, 5360, 6013, 869, 74),
+        128: (222, 218, 145, 48, 299, 303, 25, 75, 610),
+        256: (531, 543, 261, 49, 793, 797, 50, 74, 610),
+        512: (905, 981, 465, 49, 1480, 1600, 120, 74, 610),
+        1024: (3140, 3635, 823, 49, 5360, 6013, 259, 74, 610),
     },
     ('v6e', 128): {
-        128: (220, 216, 112, 46, 299, 303, 589, 75),
-        256: (530, 543, 198, 46, 796, 800, 608, 74),
-        512: (909, 998, 359, 46, 1496, 1617, 672, 74),
-        1024: (3203, 3845, 602, 46, 5407, 6117, 797, 74),
+        128: (220, 216, 143, 48, 299, 303, 21, 75, 568),
+        256: (530, 543, 259, 49, 796, 800, 40, 74, 568),
+        512: (909, 998, 464, 49, 1496, 1617, 104, 74, 568),
+        1024: (3203, 3845, 822, 49, 5407, 6117, 229, 74, 568),
     },
 }
 
 # Relative cost per score element of a square tile (512 = 1) for the length-only rule :func:`tpu_default_block`
 # (generation unknown): the geometric mean over the measured generations at head dim 128 of the estimate of a
 # causal 4096 x 4096 call (:func:`estimate`), forward + backward, relative to 512.
-# v5e 3.13 / 1.60, v5p 4.31 / 1.80, v6e 4.04 / 2.15 (128 / 256, causal, T = 4096); 1024 is left out: it has not been
+# v5e 3.08 / 1.58, v5p 4.29 / 1.79, v6e 4.01 / 2.15 (128 / 256, causal, T = 4096); 1024 is left out: it has not been
 # compiled at head dims above 128.
-TILE_COST = {512: 1.0, 256: 1.84, 128: 3.79}
+TILE_COST = {512: 1.0, 256: 1.82, 128: 3.75}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -175,14 +174,14 @@ def estimate(mask: masks_lib.Mask, q_len: int, kv_len: int, head_dim: int, gener
   """Bundles of forward + dK/dV/dQ per chip for one (batch row, head) at square ``tile`` (:data:`MEASURED`;
   megacore chips split the work over :data:`CORES`)."""
   table = MEASURED[_key(generation, head_dim)]
-  f_full, f_part, f_row, f_step, b_full, b_part, b_row, b_step = table[tile]
+  f_full, f_part, f_row, f_step, b_full, b_part, b_row, b_step, b_once = table[tile]
   bq, bk = _fit(tile, q_len), _fit(tile, kv_len)
   area = bq * bk / (tile * tile)
   classes = mask.block_classes(q_len, kv_len, block_q=bq, block_kv=bk)
   unmasked, masked, fwd_width, dkv_width = _kinds(classes, q_len, kv_len, bq, bk)
   nq, nk = classes.shape
   fwd = nq * fwd_width * f_step + nq * f_row + area * (unmasked * f_full + masked * f_part)
-  bwd = nk * dkv_width * b_step + nk * b_row + area * (unmasked * b_full + masked * b_part)
+  bwd = nk * dkv_width * b_step + nk * b_row + b_once + area * (unmasked * b_full + masked * b_part)
   return float(fwd + bwd) / CORES[generation]
 
 

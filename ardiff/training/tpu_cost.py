@@ -92,16 +92,30 @@ def tile_bodies(anatomy: dict, two_kinds: bool) -> tuple:
   return body, body
 
 
-def loop_estimate(anatomy: dict, *, rows: int, full_tiles: int, partial_tiles: int, two_kinds: bool) -> dict:
+def fused_dq_bodies(anatomy: dict) -> bool:
+  """Whether a dK/dV kernel's guarded non-matmul bodies are those of the fused dQ kernel: in program order init,
+  dQ init, finalize, dQ finalize, the dQ ones (zeroing / writing the whole-sequence accumulator) the larger."""
+  o = anatomy["other"]
+  return len(o) == 4 and o[1] > o[0] and o[3] > o[2]
+
+
+def loop_estimate(anatomy: dict, *, rows: int, full_tiles: int, partial_tiles: int, two_kinds: bool,
+                  outer_rows: int | None = None) -> dict:
   """Bundles of one kernel call: per-step overhead x grid steps + once-per-row bodies x rows + the compute body of
-  each visited tile (FULL / PARTIAL)."""
+  each visited tile (FULL / PARTIAL). ``outer_rows``: for a fused dK/dV+dQ kernel (:func:`fused_dq_bodies`), how
+  many times its dQ init and finalize run (once per batch row and kv head, not per kv tile)."""
   full, partial = tile_bodies(anatomy, two_kinds)
   steps = anatomy["trip"] or 0
   once = sum(anatomy["other"])
   overhead = anatomy["loop"] - sum(anatomy["compute"]) - once
-  est = steps * overhead + rows * once + full_tiles * full + partial_tiles * partial
-  return {"full": full, "partial": partial, "overhead": overhead, "once_per_row": once, "steps": steps,
-          "estimate": est}
+  per_row, per_outer = once, 0
+  if outer_rows is not None and fused_dq_bodies(anatomy):
+    per_outer = anatomy["other"][1] + anatomy["other"][3]
+    per_row = once - per_outer
+  est = steps * overhead + rows * per_row + (outer_rows or 0) * per_outer + full_tiles * full + \
+      partial_tiles * partial
+  return {"full": full, "partial": partial, "overhead": overhead, "once_per_row": per_row,
+          "once_per_outer_row": per_outer, "steps": steps, "estimate": est}
 
 
 def find_dump(directory: str, instruction: str):
@@ -286,7 +300,10 @@ def kernel_bundles(hlo_text: str, dump_dir: str) -> dict:
       if "_dkv_" in name:  # grid (b, kv_heads, kv_tiles, groups, width): per-row bodies once per kv row
         q_heads, kv_heads = int(shapes[4].split(",")[1]), int(shapes[5].split(",")[1])
         groups = max(1, q_heads // kv_heads)
-      fig = loop_estimate(a, rows=steps // width // groups, full_tiles=calls_per_table * kinds.count(UNMASKED),
+      # dK/dV rows are kv tiles; the fused dQ's init/finalize run once per (batch, kv head) = rows / kv tiles.
+      fig = loop_estimate(a, rows=steps // width // groups,
+                          outer_rows=calls_per_table // groups if "_dkv_" in name else None,
+                          full_tiles=calls_per_table * kinds.count(UNMASKED),
                           partial_tiles=calls_per_table * kinds.count(MASKED), two_kinds=True)
       fig["exact"] = 0 <= steps - calls_per_table * rows_k * width <= 2
     else:
