@@ -18,7 +18,10 @@ free cores, torch's OpenMP threads wait on each other (its step measured 4.5-7.5
 
 The breakdown times each component alone (forward + backward, all layers): attention (q, k, v -> out), MLP,
 loss (final projection + log-softmax + NLL on the positions that carry loss), optimizer (one AdamW update).
-Torch is optional: without it its rows are skipped with a message.
+Torch is optional: without it its rows are skipped with a message. The ardiff step's temporaries (XLA's buffer
+assignment) are printed too: XLA:CPU allocates them as one fresh mapping per execution, so every page of it is
+faulted in again each step (kernel time that torch, whose allocator keeps its freed blocks, does not pay); residual
+bytes therefore cost time on CPU beyond the arithmetic on them.
 """
 
 from __future__ import annotations
@@ -98,11 +101,14 @@ def jax_step(s: Shape, kind: str):
   step = jax.jit(step, donate_argnums=(0, 1))
   batch = {"tokens": jnp.asarray(np.random.default_rng(0).integers(0, 256, (s.batch, s.seq), dtype=np.int32))}
   state = {"p": params, "o": tx.init(params), "i": 0}
+  compiled = step.lower(state["p"], state["o"], batch, jax.random.PRNGKey(0)).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes  # the step's temporaries (XLA:CPU: one arena per execution)
 
   def run():
     state["i"] += 1
-    state["p"], state["o"], loss = step(state["p"], state["o"], batch, jax.random.PRNGKey(state["i"]))
+    state["p"], state["o"], loss = compiled(state["p"], state["o"], batch, jax.random.PRNGKey(state["i"]))
     return loss
+  run.temp_bytes = temp
   return run
 
 
@@ -195,6 +201,9 @@ def main(argv=None) -> int:
       toks = s.batch * s.seq
       print(f"{side:<10} {ar * 1e3:>11.1f} {toks / ar:>9.0f} {bd3 * 1e3:>12.1f} {toks / bd3:>10.0f} "
             f"{bd3 / ar:>6.2f}x")
+    print("ardiff step temporaries: " + ", ".join(
+        f"{kind} {runners[('ardiff', kind)].temp_bytes / 2**20:.0f} MiB" for kind in ("AR", "BD3"))
+          + " (on CPU a fresh arena each step: its pages are faulted in again every step, as kernel time)")
     if use_torch:
       print(f"ardiff/torch: AR {med[('ardiff', 'AR')] / med[('torch', 'AR')]:.2f}x, "
             f"BD3 {med[('ardiff', 'BD3')] / med[('torch', 'BD3')]:.2f}x (< 1: ardiff faster)")
