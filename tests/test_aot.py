@@ -114,19 +114,22 @@ def test_kernel_bundle_estimate_reads_the_tile_kinds_and_loop_of_a_real_mosaic_d
   meta = build_metadata(masks.BD3(256, 16), 512, 512, 128, 128)
   heads = 2  # batch 1 x 2 query heads; the dK/dV grid runs kv_heads (1) x groups (2) = the same
   # Per-row bodies (init, finalize) run once per output row: per (query head, q tile), resp. (kv head, kv tile).
-  expect = {"fwd": (meta.fwd_kind, heads * meta.num_q_tiles), "dkv": (meta.dkv_kind, 1 * meta.num_kv_tiles)}
+  # outer: the fused dQ accumulator's init/finalize, once per (batch row, kv head) = 1 here; the forward has none
+  expect = {"fwd": (meta.fwd_kind, heads * meta.num_q_tiles, 0), "dkv": (meta.dkv_kind, 1 * meta.num_kv_tiles, 1)}
   seen = set()
   for name, fig in k["kernels"].items():
     pass_ = name.split("_")[3]  # block_sparse_attention_{fwd,dkv}_tpu_...
-    kinds, rows = expect[pass_]
+    kinds, rows, outer = expect[pass_]
     seen.add(pass_)
     assert fig["exact"] and fig["calls"] == 1
     full, partial = heads * int(np.sum(kinds == UNMASKED)), heads * int(np.sum(kinds == MASKED))
     assert full > 0 and partial > 0 and fig["steps"] >= heads * kinds.size  # padded steps are grid steps too
     assert 0 < fig["full"] < fig["partial"]  # the masked body evaluates the mask on top of the unmasked one's work
     # The table read from the module's constants gives the metadata's FULL / PARTIAL tiles in the formula.
-    assert fig["estimate"] == (fig["steps"] * fig["overhead"] + rows * fig["once_per_row"] + full * fig["full"]
+    assert fig["estimate"] == (fig["steps"] * fig["overhead"] + rows * fig["once_per_row"]
+                               + outer * fig["once_per_outer_row"] + full * fig["full"]
                                + partial * fig["partial"]), fig
+    assert (fig["once_per_outer_row"] > 0) == (pass_ == "dkv")
   assert seen == {"fwd", "dkv"}  # dQ is fused into the dK/dV kernel at this size
   assert k["total"] == sum(f["estimate"] for f in k["kernels"].values())
 
