@@ -104,14 +104,15 @@ def hbm_per_chip(topology: str) -> int:
 
 
 @contextlib.contextmanager
-def _tpu_kernels(config):
+def _tpu_kernels(config, topology: str):
   """With attention_impl='pallas' or 'auto' (which a TPU host resolves to the kernels), trace the TPU (Mosaic)
-  kernels: this host is a CPU, the compile targets TPU."""
+  kernels: this host is a CPU, the compile targets TPU. The kernel tiles are chosen for the topology's generation
+  (named here, not read back from the compile devices)."""
   if config.model.attention_impl not in ("pallas", "auto"):
     yield
     return
   from ardiff import attention as attention_lib
-  with attention_lib.target_backend("tpu"):
+  with attention_lib.target_backend("tpu", generation=parse_topology(topology)[0]):
     yield
 
 
@@ -124,7 +125,7 @@ def compile_train_step(config, topology: str, *, kernel_dump: str | None = None)
   directory libtpu was told to dump bundles into (``tpu_cost.dump_flags``, set before libtpu loaded); None when
   the step has Mosaic kernels and no dump was given (not estimated), ``total`` 0 when it has none.
   ``step_estimate`` = the two summed, or None when the kernels were not estimated."""
-  with _tpu_kernels(config):
+  with _tpu_kernels(config, topology):
     return _compile_train_step(config, topology, kernel_dump)
 
 
@@ -208,7 +209,7 @@ def _compile_train_step(config, topology: str, kernel_dump: str | None) -> dict:
 def compile_sampler_steps(config, topology: str, *, max_len: int | None = None) -> dict:
   """AOT-compiles the sampler's per-step forwards against a sharded KV cache: the AR step (1 token) and the
   block-diffusion denoise step (B tokens, cache read-only). Returns ``{name: per-chip GiB}``."""
-  with _tpu_kernels(config):
+  with _tpu_kernels(config, topology):
     return _compile_sampler_steps(config, topology, max_len=max_len)
 
 
