@@ -203,16 +203,15 @@ def _balanced(text: str, start: int) -> str:
 
 def _instructions(hlo_text: str) -> dict:
   """``{name: (shape text, opcode, operand text, attributes text, computation)}`` of every instruction."""
-  out, comp = {}, None
-  for line in hlo_text.splitlines():
-    c = _COMPUTATION.match(line)
-    if c:
-      comp = c.group(1)
+  out = {}
+  for comp, lines in _computations(hlo_text).items():
+    if comp == "__entry__":  # an alias of the entry computation's own entry
       continue
-    m = _INSTR.match(line)
-    if m:
-      args = _balanced(line, m.end(3) + 1)
-      out[m.group(1)] = (m.group(2), m.group(3), args, line[m.end(3) + 2 + len(args):], comp)
+    for line in lines:
+      m = _INSTR.match(line)
+      if m:
+        args = _balanced(line, m.end(3) + 1)
+        out[m.group(1)] = (m.group(2), m.group(3), args, line[m.end(3) + 2 + len(args):], comp)
   return out
 
 
