@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import Optional
 
 import jax
@@ -290,8 +291,7 @@ def _group_attention(q_rows, k_runs: _Pieces, v_runs: _Pieces, grp: Group, q_seg
   if guard:
     denom = jnp.where(denom == 0.0, 1.0, denom)
   p = (p / denom).astype(pv_dtype)
-  widths = [sc_run.shape[-1] for sc_run in scores]
-  p_runs = jax.lax.split(p, widths, axis=-1) if len(widths) > 1 else [p]  # as _Pieces: no padded gradients
+  p_runs = _Pieces(p, -1, itertools.accumulate(sc_run.shape[-1] for sc_run in scores)).parts  # no padded gradients
   out = 0.0
   for run, p_run in zip(grp.runs, p_runs):
     out = out + _run_values(p_run, v_runs.take(run.start, run.stop).astype(pv_dtype), _run_blocks(run, rows))
