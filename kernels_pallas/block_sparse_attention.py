@@ -101,11 +101,16 @@ def _default_block(backend: str, length: int) -> int:
   return base
 
 
-def _default_blocks(backend: str, mask, q_len: int, kv_len: int, head_dim: int, generation) -> tuple:
-  """(block_q, block_kv) when the caller passes none: TPU from the measured per-generation table."""
+def _blocks(backend: str, mask, q_len: int, kv_len: int, head_dim: int, generation, block_q, block_kv) -> tuple:
+  """(block_q, block_kv): the caller's, each None filled with the default (TPU: the measured per-generation table,
+  which ranks every measured tile against the mask, so it runs only when a size is missing)."""
+  if block_q is not None and block_kv is not None:
+    return block_q, block_kv
   if backend == "tpu":
-    return tile_table.tpu_tiles(mask, q_len, kv_len, head_dim, generation=generation)
-  return _default_block(backend, q_len), _default_block(backend, kv_len)
+    default_q, default_kv = tile_table.tpu_tiles(mask, q_len, kv_len, head_dim, generation=generation)
+  else:
+    default_q, default_kv = _default_block(backend, q_len), _default_block(backend, kv_len)
+  return (default_q if block_q is None else block_q), (default_kv if block_kv is None else block_kv)
 
 
 def _bthd(shape, layout: str) -> tuple:
@@ -232,9 +237,7 @@ def block_sparse_attention(q, k, v, *, mask: masks_lib.Mask, q_segment_ids=None,
   s, kvh = _bthd(k.shape, layout)[1:3]
   if backend == "gpu" and not common.is_pow2(d):
     raise ValueError(f"GPU (Triton): head_dim={d} must be a power of two; pad the head dim or use backend='tpu'.")
-  bq, bk = _default_blocks(backend, mask, t, s, d, generation)
-  bq = bq if block_q is None else block_q
-  bk = bk if block_kv is None else block_kv
+  bq, bk = _blocks(backend, mask, t, s, d, generation, block_q, block_kv)
   _check_block(backend, "block_q", bq, t)
   _check_block(backend, "block_kv", bk, s)
   segments = q_segment_ids is not None
@@ -278,9 +281,7 @@ def block_sparse_attention_reference(q, k, v, *, mask: masks_lib.Mask, q_segment
   if not debug_counter:
     return out
   b, t, h, d = q.shape
-  default_q, default_kv = _default_blocks("tpu", mask, t, k.shape[1], d, None)
-  bq = block_q or default_q
-  bk = block_kv or default_kv
+  bq, bk = _blocks("tpu", mask, t, k.shape[1], d, None, block_q or None, block_kv or None)
   classes = mask.block_classes(t, k.shape[1], block_q=bq, block_kv=bk)
   visits = np.broadcast_to((classes != masks_lib.EMPTY).sum(axis=1).astype(np.int32), (b, h, classes.shape[0]))
   return out, jnp.asarray(visits)
