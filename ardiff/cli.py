@@ -39,6 +39,8 @@ EXPECTED_ERRORS = (ValueError, NotImplementedError, FileNotFoundError, FileExist
 EXIT_USAGE = 2
 # Commands that run as one job over several processes when a launcher sets ardiff.distributed's variables.
 DISTRIBUTED_COMMANDS = ("train", "eval", "sample")
+# Commands that run compiled steps over and over: on a CPU backend they keep freed host pages for the next step.
+HOST_MEMORY_COMMANDS = ("train", "eval", "sample")
 
 
 def debug_requested(argv) -> bool:
@@ -65,6 +67,9 @@ def main(argv) -> int:
   if name == "compile" and any(a.split("=")[0] in ("--from_hf", "--from-hf") for a in argv[2:]):
     module_name = "ardiff.export.hf_compile"  # an imported checkpoint's sampler steps (config.json only)
   module = importlib.import_module(module_name)  # lazy: `ardiff sample` need not import the trainer
+  if name in HOST_MEMORY_COMMANDS:  # before anything starts JAX's backend (ardiff.host_memory says why)
+    from ardiff import host_memory
+    host_memory.keep_freed_memory()
   try:
     if name in DISTRIBUTED_COMMANDS:  # several processes (launch/local.sh --processes, a TPU pod): join them first
       from ardiff import distributed

@@ -19,9 +19,11 @@ free cores, torch's OpenMP threads wait on each other (its step measured 4.5-7.5
 The breakdown times each component alone (forward + backward, all layers): attention (q, k, v -> out), MLP,
 loss (final projection + log-softmax + NLL on the positions that carry loss), optimizer (one AdamW update).
 Torch is optional: without it its rows are skipped with a message. The ardiff step's temporaries (XLA's buffer
-assignment) are printed too: XLA:CPU allocates them as one fresh mapping per execution, so every page of it is
-faulted in again each step (kernel time that torch, whose allocator keeps its freed blocks, does not pay); residual
-bytes therefore cost time on CPU beyond the arithmetic on them.
+assignment) are printed too: XLA:CPU allocates them once per execution, larger than a glibc thread arena's heap, so
+by default glibc maps them afresh and every page is faulted in again each step (AR 88 of 335 ms, BD3 171 of 722 ms,
+one core). The benchmark first sets what ``python -m ardiff train`` sets on a CPU (``ardiff.host_memory``: one
+arena, no mmap chunks, freed pages kept), for both codebases alike since they share the process;
+``--glibc_malloc_defaults`` measures without it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from ardiff import attention as attention_lib  # noqa: E402
+from ardiff import host_memory  # noqa: E402
 from ardiff import masks  # noqa: E402
 from ardiff.config import ModelConfig  # noqa: E402
 from ardiff.model import Mlp, Transformer, init_params  # noqa: E402
@@ -131,7 +134,7 @@ def jax_components(s: Shape, kind: str) -> dict:
   h = arr(s.batch, s.seq, s.d)
   w = arr(s.d, VOCAB) * 0.02
   targets = jnp.asarray(rng.integers(0, 256, (s.batch, s.seq)), jnp.int32)
-  loss = jax.jit(jax.grad(lambda w, h: jnp.sum(base.gather_nll(base.log_probs(h @ w, MASK_ID), targets)), (0, 1)))
+  loss = jax.jit(jax.grad(lambda w, h: jnp.sum(base.token_nll(h @ w, targets, MASK_ID)), (0, 1)))
   params = init_params(cfg, jax.random.PRNGKey(0))
   tx = optax.adamw(1e-3, weight_decay=0.01)
   grads = jax.tree.map(jnp.ones_like, params)
@@ -162,7 +165,15 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=30, help="timed steps per row (median reported)")
   p.add_argument("--no_torch", action="store_true", help="ardiff rows only")
   p.add_argument("--no_breakdown", action="store_true", help="skip the per-component breakdown")
+  p.add_argument("--glibc_malloc_defaults", action="store_true",
+                 help="leave glibc's malloc as it is (default: what `python -m ardiff train` sets on a CPU, "
+                      "ardiff.host_memory; it applies to both codebases, which share this process)")
   args = p.parse_args(argv)
+  if args.glibc_malloc_defaults:
+    print("host memory: glibc malloc defaults (each step's XLA:CPU temporaries are mapped and faulted in anew)")
+  else:  # before jax.devices(): the settings only reach threads that have not allocated yet
+    applied, why = host_memory.keep_freed_memory()
+    print(f"host memory: {why}" if applied else f"host memory: glibc malloc defaults ({why})")
   shapes = [x.strip() for x in args.shapes.split(",") if x.strip()]
   for x in shapes:
     if x not in SHAPES:
@@ -203,7 +214,7 @@ def main(argv=None) -> int:
             f"{bd3 / ar:>6.2f}x")
     print("ardiff step temporaries: " + ", ".join(
         f"{kind} {runners[('ardiff', kind)].temp_bytes / 2**20:.0f} MiB" for kind in ("AR", "BD3"))
-          + " (on CPU a fresh arena each step: its pages are faulted in again every step, as kernel time)")
+          + " (XLA:CPU allocates them every step; ardiff.host_memory keeps their pages mapped between steps)")
     if use_torch:
       print(f"ardiff/torch: AR {med[('ardiff', 'AR')] / med[('torch', 'AR')]:.2f}x, "
             f"BD3 {med[('ardiff', 'BD3')] / med[('torch', 'BD3')]:.2f}x (< 1: ardiff faster)")
