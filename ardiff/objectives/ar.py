@@ -14,8 +14,7 @@ def ar_nll(params, batch, *, model: Transformer):
   pb = base.prepare_batch(batch)
   out = model.apply({"params": params}, pb.tokens, mask=masks.Causal(), positions=pb.positions,
                     segment_ids=pb.segment_ids)
-  lp = base.log_probs(out.logits[:, :-1], model.config.mask_token_id)
-  nll = base.gather_nll(lp, pb.tokens[:, 1:])
+  nll = base.token_nll(out.logits[:, :-1], pb.tokens[:, 1:], model.config.mask_token_id)
   valid = pb.loss_mask[:, 1:] & ~base.document_starts(pb.segment_ids)[:, 1:]
   return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 

@@ -99,7 +99,7 @@ def nll_terms(params, pb: base.Batch, noise: Noise, *, model: Transformer, cfg: 
               force_two_stream: bool = False):
   """(weighted NLL sum, plain CE sum over masked tokens, number of masked tokens, per-token weighted NLL)."""
   logits = diffusion_logits(params, pb, noise.masked, model=model, cfg=cfg, force_two_stream=force_two_stream)
-  nll = base.gather_nll(base.log_probs(logits, model.config.mask_token_id), pb.tokens)
+  nll = base.token_nll(logits, pb.tokens, model.config.mask_token_id)
   weighted = jnp.where(noise.masked, noise.weight * nll, 0.0)
   ce = jnp.where(noise.masked, nll, 0.0)
   return jnp.sum(weighted), jnp.sum(ce), jnp.sum(noise.masked), weighted

@@ -27,10 +27,9 @@ def tidar_terms(params, batch, *, model: Transformer, cfg: base.ObjectiveConfig)
                     mask=masks.TiDARTrain(length, cfg.block_size),
                     positions=jnp.concatenate([pb.positions, pb.positions], axis=1),
                     segment_ids=jnp.concatenate([pb.segment_ids, pb.segment_ids], axis=1))
-  lp = base.log_probs(out.logits, mask_id)
-  ar_nll = base.gather_nll(lp[:, :length - 1], pb.tokens[:, 1:])
+  ar_nll = base.token_nll(out.logits[:, :length - 1], pb.tokens[:, 1:], mask_id)
   ar_valid = pb.loss_mask[:, 1:] & ~base.document_starts(pb.segment_ids)[:, 1:]
-  diff_nll = base.gather_nll(lp[:, length:], pb.tokens)
+  diff_nll = base.token_nll(out.logits[:, length:], pb.tokens, mask_id)
   diff_valid = maskable_tokens(pb, cfg)
   return (jnp.sum(jnp.where(ar_valid, ar_nll, 0.0)), jnp.sum(ar_valid),
           jnp.sum(jnp.where(diff_valid, diff_nll, 0.0)), jnp.sum(diff_valid))
