@@ -144,17 +144,24 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
+  """``query_len``: only the first ``query_len`` positions are queries (all of them are keys and values)."""
   config: ModelConfig
   mask: masks_lib.Mask
+  query_len: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, positions_bt, segment_ids_bt, cache_k, cache_v, cache_lengths):
-    """``x``: ``[batch, length, embed]`` -> ``([batch, length, embed], new (k, v) cache or None)``."""
+    """``x``: ``[batch, length, embed]`` -> ``([batch, query_len or length, embed], new (k, v) cache or None)``."""
     cfg = self.config
     # Einsum letters: b batch, t length, d embed, n heads, h head_dim.
+    n = x.shape[1] if self.query_len is None else self.query_len
+    if n != x.shape[1] and cache_k is not None:
+      raise ValueError(f"query_len={n} is for uncached forwards; a cached forward's queries are all its tokens.")
+    q_positions = positions_bt[:, :n]
+    q_segment_ids = None if segment_ids_bt is None else segment_ids_bt[:, :n]
 
     q = Projection(cfg, (cfg.embed_dim, cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
-                   "btd,dnh->btnh", use_bias=cfg.qkv_bias, name="q_proj")(x)
+                   "btd,dnh->btnh", use_bias=cfg.qkv_bias, name="q_proj")(x[:, :n])
     k = Projection(cfg, (cfg.embed_dim, cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
                    "btd,dnh->btnh", use_bias=cfg.qkv_bias, name="k_proj")(x)
     v = Projection(cfg, (cfg.embed_dim, cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
@@ -162,7 +169,7 @@ class Attention(nn.Module):
     if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of every head, before RoPE
       q = RMSNorm(cfg, ("head_dim",), name="q_norm")(q)
       k = RMSNorm(cfg, ("head_dim",), name="k_norm")(k)
-    q = apply_rope(q, positions_bt, cfg.rope_theta, cfg.rope_scaling_dict)
+    q = apply_rope(q, q_positions, cfg.rope_theta, cfg.rope_scaling_dict)
     k = apply_rope(k, positions_bt, cfg.rope_theta, cfg.rope_scaling_dict)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
     k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
@@ -171,7 +178,7 @@ class Attention(nn.Module):
     new_kv = None
     if cache_k is None:
       out = attention_lib.attention(q, k, v, mask=self.mask, impl=cfg.attention_impl,
-                                    q_segment_ids=segment_ids_bt, kv_segment_ids=segment_ids_bt)
+                                    q_segment_ids=q_segment_ids, kv_segment_ids=segment_ids_bt)
     else:
       if segment_ids_bt is not None:
         raise ValueError("segment_ids are for packed training batches; a cached forward takes one sequence per "
@@ -208,15 +215,17 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+  """``query_len``: the layer's output is its first ``query_len`` positions (all of them are keys and values)."""
   config: ModelConfig
   mask: masks_lib.Mask
+  query_len: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, positions_bt, segment_ids_bt, cache_k, cache_v, cache_lengths):
-    attn_out, new_kv = Attention(self.config, self.mask, name="self_attn")(
+    attn_out, new_kv = Attention(self.config, self.mask, self.query_len, name="self_attn")(
         RMSNorm(self.config, name="input_layernorm")(x), positions_bt, segment_ids_bt, cache_k, cache_v,
         cache_lengths)
-    h = x + attn_out
+    h = x[:, :attn_out.shape[1]] + attn_out
     h = h + Mlp(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(h))
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     return h, new_kv
@@ -245,9 +254,10 @@ def _stacked_layer_params(variables) -> dict:
                       is_leaf=is_box)
 
 
-def _layer_stack(cfg: ModelConfig, mask, stacked: dict, x, positions_bt, segment_ids_bt):
+def _layer_stack(cfg: ModelConfig, mask, stacked: dict, x, positions_bt, segment_ids_bt, out_len: int):
   """The ``scan_layers`` decoder stack of an uncached forward: ``x [batch, length, embed]`` through every layer of
-  ``stacked`` (each leaf ``[layers, ...]``, the layout ``nn.scan`` creates and checkpoints hold).
+  ``stacked`` (each leaf ``[layers, ...]``, the layout ``nn.scan`` creates and checkpoints hold), returning the first
+  ``out_len`` positions ``[batch, out_len, embed]``. Unrolled, the last layer computes only those rows.
 
   Compiled for CPU the layers are unrolled; elsewhere they are a rolled ``lax.scan``. Rolled, the backward pass
   reads its residuals from ``[layers, ...]`` stacks that the loop zero-fills, writes with dynamic-update-slice,
@@ -257,22 +267,24 @@ def _layer_stack(cfg: ModelConfig, mask, stacked: dict, x, positions_bt, segment
   The choice is made at lowering (``lax.platform_dependent``), for the platform compiled for, so an AOT TPU
   compile from a CPU host gets the rolled loop. Cached forwards do not come here: they keep ``nn.scan`` (rolled on
   every platform), so the stacked K/V cache is updated in place and never copied whole."""
-  def layer(p, x, prevent_cse):
+  def layer(p, x, prevent_cse, query_len=None):
     def run(p, x):
-      return DecoderLayer(cfg, mask, parent=None).apply({"params": p}, x, positions_bt, segment_ids_bt,
-                                                        None, None, None)[0]
+      return DecoderLayer(cfg, mask, query_len, parent=None).apply({"params": p}, x, positions_bt, segment_ids_bt,
+                                                                   None, None, None)[0]
     if cfg.remat_policy != "none":  # the same policy nn.remat applies to the module
       run = jax.checkpoint(run, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=prevent_cse)
     return run(p, x)
 
   def rolled(stacked, x):
     with jax.named_scope("layers"):
-      return jax.lax.scan(lambda x, p: (layer(p, x, False), None), x, stacked)[0]
+      # The last layer's unused rows are computed too: peeling it off the loop would copy the stacked params.
+      return jax.lax.scan(lambda x, p: (layer(p, x, False), None), x, stacked)[0][:, :out_len]
 
   def unrolled(stacked, x):
     for i in range(cfg.num_layers):
       with jax.named_scope(f"layers_{i}"):  # unrolled, a CSE barrier keeps XLA from merging remat recomputation
-        x = layer(jax.tree.map(lambda a: a[i], stacked), x, True)
+        last = i == cfg.num_layers - 1
+        x = layer(jax.tree.map(lambda a: a[i], stacked), x, True, out_len if last else None)
     return x
 
   return jax.lax.platform_dependent(stacked, x, cpu=unrolled, default=rolled)
@@ -286,8 +298,9 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_bl, *, mask: masks_lib.Mask, positions=None, segment_ids=None,
                cache: Optional[KVCache] = None, logits_len: Optional[int] = None) -> ModelOutput:
-    """``logits_len``: compute logits for the first ``logits_len`` positions only (BD3's clean half needs none);
-    ``hidden`` stays full length."""
+    """``logits_len``: the output is the first ``logits_len`` positions only (BD3's clean half needs none): the
+    logits, ``hidden`` ``[batch, logits_len, embed]``, and, where the layers are unrolled (a CPU compile, or
+    ``scan_layers=False``), the last layer's queries, MLP and final norm; the other positions are keys and values."""
     cfg = self.config
     if tokens_bl.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got shape {tokens_bl.shape}.")
@@ -300,6 +313,12 @@ class Transformer(nn.Module):
         positions = positions + cache.lengths[:, None]
     if cache is not None and cache.k.shape[1] != b:
       raise ValueError(f"cache batch {cache.k.shape[1]} != tokens batch {b}.")
+    if logits_len is not None and not (isinstance(logits_len, int) and 0 < logits_len <= t):
+      raise ValueError(f"logits_len={logits_len!r} must be an int in 1..{t} (the tokens' length), or None for all.")
+    if logits_len is not None and cache is not None:
+      raise ValueError("logits_len is for uncached forwards (BD3's clean half); a cached forward returns every "
+                       "position it is given.")
+    out_len = t if logits_len is None else logits_len
 
     embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, name="embed_tokens", dtype=cfg.compute_dtype,
                      param_dtype=cfg.weight_dtype,
@@ -320,30 +339,32 @@ class Transformer(nn.Module):
     cache_v = cache.v if cache is not None else None
     lengths = cache.lengths if cache is not None else None
     if cfg.scan_layers and cache is None and not self.is_initializing():
-      x = _layer_stack(cfg, mask, _stacked_layer_params(self.variables), x, positions, segment_ids)
+      x = _layer_stack(cfg, mask, _stacked_layer_params(self.variables), x, positions, segment_ids, out_len)
     elif cfg.scan_layers:
       cache_axis = 0 if cache is not None else nn.broadcast
       stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, cache_axis, cache_axis, nn.broadcast),
                       length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       x, new_kv = stack(cfg, mask, name="layers")(x, positions, segment_ids, cache_k, cache_v, lengths)
+      x = x[:, :out_len]  # init (an uncached forward at init) and cached forwards (out_len = t)
     else:
       new_k, new_v = [], []
       for i in range(cfg.num_layers):
         layer_cache = (cache_k[i], cache_v[i]) if cache is not None else (None, None)
-        x, kv = layer_cls(cfg, mask, name=f"layers_{i}")(x, positions, segment_ids, *layer_cache, lengths)
+        query_len = out_len if i == cfg.num_layers - 1 and out_len != t else None
+        x, kv = layer_cls(cfg, mask, query_len, name=f"layers_{i}")(x, positions, segment_ids, *layer_cache,
+                                                                     lengths)
         if kv is not None:
           new_k.append(kv[0])
           new_v.append(kv[1])
       new_kv = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
 
     hidden = RMSNorm(cfg, name="norm")(x)
-    head_in = hidden if logits_len is None else hidden[:, :logits_len]
     if cfg.tie_embeddings:
-      logits = embed.attend(head_in)
+      logits = embed.attend(hidden)
     else:
       logits = Projection(cfg, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), "btd,dv->btv",
-                          name="lm_head")(head_in)
+                          name="lm_head")(hidden)
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     new_cache = None
     if cache is not None:

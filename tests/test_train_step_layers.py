@@ -81,3 +81,23 @@ def test_cached_forward_keeps_the_rolled_loop_and_updates_the_cache_in_place():
 def test_params_without_a_layer_stack_are_rejected_by_name():
   with pytest.raises(ValueError, match="scan_layers"):
     Transformer(CFG).apply({"params": _looped_params(PARAMS)}, TOKENS, mask=masks.Causal())
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_logits_len_returns_the_first_rows_and_computes_only_them_in_the_last_layer(scan):
+  """BD3's clean half needs no output: with ``logits_len`` the last layer's queries, MLP and the head cover the
+  first rows only (the rest stay keys and values), and those rows equal the full forward's."""
+  cfg = CFG.replace(scan_layers=scan)
+  params = PARAMS if scan else _looped_params(PARAMS)
+  mask = masks.BD3(8, 4)
+  tokens = jnp.concatenate([TOKENS[:, :8], jnp.full((2, 8), 39, jnp.int32)], 1)
+  apply = lambda logits_len: Transformer(cfg).apply({"params": params}, tokens, mask=mask, logits_len=logits_len)
+  full, top = jax.jit(lambda: apply(None))(), jax.jit(lambda: apply(8))()
+  assert top.logits.shape == (2, 8, 40) and top.hidden.shape == (2, 8, 32)
+  np.testing.assert_allclose(np.asarray(top.logits), np.asarray(full.logits[:, :8]), atol=2e-6, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(top.hidden), np.asarray(full.hidden[:, :8]), atol=2e-6, rtol=1e-6)
+  # The last layer's MLP runs on 8 rows, every other layer's on 16 (a scanned stack: the CPU branch's layers).
+  jaxpr = str(jax.make_jaxpr(lambda: apply(8))())
+  assert jaxpr.count("f32[2,8,48]") > 0 and jaxpr.count("f32[2,16,48]") > 0
+  with pytest.raises(ValueError, match="logits_len=17"):
+    apply(17)
