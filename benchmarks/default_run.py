@@ -33,6 +33,13 @@ LEVERS = {
     "byte_lr1e-2": ["--config.optimizer.learning_rate=0.01"],
     "bpe1024": BPE,
     "bpe1024_lr1e-2": BPE + ["--config.optimizer.learning_rate=0.01"],
+    # more steps in the same 720 CPU-s now that the CPU train step is cheaper (glibc malloc settings, token_nll loss,
+    # BD3's last layer on the noisy half only); optimizer.total_steps follows num_steps, so the cosine stretches too
+    "bpe1024_steps600": BPE + ["--config.train.num_steps=600"],
+    "bpe1024_steps600_lr6e-3": BPE + ["--config.train.num_steps=600", "--config.optimizer.learning_rate=0.006"],
+    "bpe1024_steps900": BPE + ["--config.train.num_steps=900"],
+    "bpe1024_steps900_lr6e-3": BPE + ["--config.train.num_steps=900", "--config.optimizer.learning_rate=0.006"],
+    "bpe1024_steps900_lr1e-2": BPE + ["--config.train.num_steps=900", "--config.optimizer.learning_rate=0.01"],
 }
 
 
@@ -70,7 +77,7 @@ def score(row: dict, temperatures, num_samples: int) -> dict:
     texts = generate_for_experiment(params, model, exp, tok, num_samples=num_samples,
                                     num_tokens=exp.train.sample_tokens, rng=jax.random.key(0), temperature=t)
     gen = [s[len(DEFAULT_PROMPT):] for s in texts]
-    shares[str(t)] = word_share(gen, shakespeare_vocabulary())[0]
+    shares[str(t)], row.setdefault("word_count", {})[str(t)] = word_share(gen, shakespeare_vocabulary())
     row.setdefault("sample", {})[str(t)] = gen[0][:200]
   row["word_share"] = shares
   return row
@@ -98,7 +105,8 @@ def main(argv=None) -> int:
   print("|---|---|---|---|---|" + "---|" * len(temps))
   for r in rows.values():
     print(f"| {r['lever']} | {r['nelbo_per_token']:.3f} | {r['nelbo_per_byte']:.3f} | {r['wall_s']:.0f} | "
-          f"{r['cpu_s']:.0f} | " + " | ".join(f"{r['word_share'].get(str(t), float('nan')):.0%}" for t in temps) + " |")
+          f"{r['cpu_s']:.0f} | " + " | ".join(f"{r['word_share'].get(str(t), float('nan')):.1%} "
+                                               f"({r.get('word_count', {}).get(str(t), '?')} words)" for t in temps) + " |")
   return 0
 
 
