@@ -31,12 +31,12 @@ def test_token_nll_equals_gather_of_log_probs_values_and_grads(mask_id):
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.normal(size=(3, 7, 11)) * 4, jnp.float32)
   targets = jnp.asarray(rng.integers(0, 10, (3, 7)), jnp.int32)  # 10 = MASK below is never a target here
-  ref = lambda x: base.gather_nll(base.log_probs(x, mask_id), targets)
-  new = lambda x: base.token_nll(x, targets, mask_id)
+  ref = jax.jit(lambda x: base.gather_nll(base.log_probs(x, mask_id), targets))
+  new = jax.jit(lambda x: base.token_nll(x, targets, mask_id))
   np.testing.assert_allclose(new(logits), ref(logits), rtol=1e-6, atol=1e-6)
   weights = jnp.asarray(rng.normal(size=(3, 7)), jnp.float32)
-  g_ref = jax.grad(lambda x: jnp.sum(weights * ref(x)))(logits)
-  g_new = jax.grad(lambda x: jnp.sum(weights * new(x)))(logits)
+  g_ref = jax.jit(jax.grad(lambda x: jnp.sum(weights * ref(x))))(logits)
+  g_new = jax.jit(jax.grad(lambda x: jnp.sum(weights * new(x))))(logits)
   np.testing.assert_allclose(g_new, g_ref, rtol=1e-6, atol=1e-7)
   if mask_id is not None:
     assert float(jnp.max(jnp.abs(g_new[..., mask_id]))) == 0.0  # the removed logit gets no gradient
