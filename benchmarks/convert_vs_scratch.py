@@ -55,6 +55,8 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="runs/convert_vs_scratch", help="working directory (replaced)")
   p.add_argument("--data_dir", default="~/.cache/ardiff/tfds")
   args = p.parse_args(argv)
+  from ardiff import host_memory  # before JAX starts: as `python -m ardiff train` does on a CPU host
+  print(f"host memory: {host_memory.keep_freed_memory()[1]}")
 
   from absl import flags
   if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: unparsed, they raise

@@ -78,6 +78,8 @@ def main(argv=None) -> int:
   p.add_argument("--new_tokens", type=int, default=32)
   p.add_argument("--json", default="")
   args = p.parse_args(argv)
+  from ardiff import host_memory  # before JAX starts: as `python -m ardiff train` does on a CPU host
+  print(f"host memory: {host_memory.keep_freed_memory()[1]}")
 
   import jax
   import numpy as np

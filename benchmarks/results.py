@@ -332,6 +332,8 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=os.path.join(ROOT, "docs", "results.md"))
   p.add_argument("--note", default="", help="a sentence added under the title (e.g. the machine's load)")
   args = p.parse_args(argv)
+  from ardiff import host_memory  # before JAX starts: as `python -m ardiff train` does on a CPU host
+  print(f"host memory: {host_memory.keep_freed_memory()[1]}")
   q = args.quick
   args.runs_root = args.runs_root or os.path.join(ROOT, "runs", "results_quick" if q else "results")
   args.steps = args.steps or (40 if q else 400)

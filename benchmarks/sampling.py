@@ -163,6 +163,8 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="also write the rows to this JSON file")
   args = p.parse_args(argv)
+  from ardiff import host_memory  # before JAX starts: as `python -m ardiff train` does on a CPU host
+  print(f"host memory: {host_memory.keep_freed_memory()[1]}")
   from absl import flags
   if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: unparsed, they raise
     flags.FLAGS(sys.argv[:1])
