@@ -149,6 +149,8 @@ def test_packed_loss_equals_unpacked_per_document(kind):
   def draw_packed(pb):
     return diffusion.maskable_tokens(pb, cfg) & (pb.positions % 2 == 1)
 
+  per_doc_sums = jax.jit(per_doc_sums, static_argnums=1)  # eager, the model's ops ran one by one (~3 min)
+
   contrib, seg = per_doc_sums(packed, draw_packed)
   for i, d in enumerate(docs):
     single = pack([d], -(-len(d) // bs) * bs, bs)
