@@ -45,9 +45,10 @@ def test_token_nll_equals_gather_of_log_probs_values_and_grads(mask_id):
 
 def test_bd3_block_size_one_all_masked_equals_ar_loss():
   x = tokens((3, 16))
-  ar_loss, _ = objectives.make_loss_fn(MODEL, objectives.ObjectiveConfig(kind="ar"))(PARAMS, {"tokens": x}, None)
+  ar_loss, _ = jax.jit(objectives.make_loss_fn(MODEL, objectives.ObjectiveConfig(kind="ar")))(
+      PARAMS, {"tokens": x}, None)
   cfg = objectives.ObjectiveConfig(block_size=1, clip_low=1.0, clip_high=1.0, token_shift=True)
-  bd3_loss, metrics = objectives.make_loss_fn(MODEL, cfg)(PARAMS, {"tokens": x}, jax.random.key(3))
+  bd3_loss, metrics = jax.jit(objectives.make_loss_fn(MODEL, cfg))(PARAMS, {"tokens": x}, jax.random.key(3))
   assert float(metrics["mask_rate"]) == 1.0
   np.testing.assert_allclose(float(bd3_loss), float(ar_loss), atol=1e-6, rtol=0)
 
@@ -56,7 +57,7 @@ def test_bd3_block_size_one_without_shift_is_the_masked_query_ar_model():
   """No token shift: row i holds [MASK] at position i and sees clean x_<i. Recompute that one position at a time."""
   x = tokens((2, 8))
   cfg = objectives.ObjectiveConfig(block_size=1, clip_low=1.0, clip_high=1.0)
-  loss, _ = objectives.make_loss_fn(MODEL, cfg)(PARAMS, {"tokens": x}, jax.random.key(3))
+  loss, _ = jax.jit(objectives.make_loss_fn(MODEL, cfg))(PARAMS, {"tokens": x}, jax.random.key(3))
   # Causal: position i's logits see only inputs 0..i, so each one-position input keeps length 8 (one compile)
   # with the tokens after i left in place.
   apply = jax.jit(lambda inp: MODEL.apply({"params": PARAMS}, inp, mask=masks.Causal()).logits)
@@ -73,13 +74,15 @@ def test_bd3_block_size_length_equals_mdlm_bidirectional_1l():
   pb = base.prepare_batch({"tokens": x})
   noise, _ = diffusion.sample_noise_t(jax.random.key(5), diffusion.maskable_tokens(pb, cfg), cfg)
   assert bool(jnp.any(noise.masked))
-  two_stream = diffusion.nll_terms(PARAMS, pb, noise, model=MODEL, cfg=cfg, force_two_stream=True)
+  terms = jax.jit(lambda pb, noise, two: diffusion.nll_terms(PARAMS, pb, noise, model=MODEL, cfg=cfg,
+                                                               force_two_stream=two), static_argnums=2)
+  two_stream = terms(pb, noise, True)
   x_t = jnp.where(noise.masked, MASK, x)
-  logits = MODEL.apply({"params": PARAMS}, x_t, mask=masks.Full()).logits
+  logits = jax.jit(lambda x_t: MODEL.apply({"params": PARAMS}, x_t, mask=masks.Full()).logits)(x_t)
   nll = base.gather_nll(base.log_probs(logits, MASK), x)
   want = jnp.sum(jnp.where(noise.masked, noise.weight * nll, 0.0))
   np.testing.assert_allclose(float(two_stream[0]), float(want), rtol=1e-6)
-  one_stream = diffusion.nll_terms(PARAMS, pb, noise, model=MODEL, cfg=cfg)  # the fast path used in training
+  one_stream = terms(pb, noise, False)  # the fast path used in training
   np.testing.assert_allclose(float(one_stream[0]), float(want), rtol=1e-6)
 
 
@@ -206,8 +209,8 @@ def test_antithetic_t_and_clip_interval():
 def test_eval_nelbo_upper_bounds_and_metrics_are_finite():
   x = tokens((4, 16))
   for kind, key in (("ar", "nll_sum"), ("block_diffusion", "nelbo_sum"), ("tidar", "nll_sum")):
-    out = objectives.make_eval_fn(MODEL, objectives.ObjectiveConfig(kind=kind))(PARAMS, {"tokens": x},
-                                                                                 jax.random.key(0))
+    out = jax.jit(objectives.make_eval_fn(MODEL, objectives.ObjectiveConfig(kind=kind)))(
+        PARAMS, {"tokens": x}, jax.random.key(0))
     assert np.isfinite(float(out[key])) and int(out["num_targets"]) > 0
 
 
