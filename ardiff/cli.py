@@ -66,10 +66,10 @@ def main(argv) -> int:
   module_name = COMMANDS[name][0]
   if name == "compile" and any(a.split("=")[0] in ("--from_hf", "--from-hf") for a in argv[2:]):
     module_name = "ardiff.export.hf_compile"  # an imported checkpoint's sampler steps (config.json only)
-  module = importlib.import_module(module_name)  # lazy: `ardiff sample` need not import the trainer
-  if name in HOST_MEMORY_COMMANDS:  # before anything starts JAX's backend (ardiff.host_memory says why)
+  if name in HOST_MEMORY_COMMANDS:  # before importing jax, whose import starts a thread (ardiff.host_memory says why)
     from ardiff import host_memory
     host_memory.keep_freed_memory()
+  module = importlib.import_module(module_name)  # lazy: `ardiff sample` need not import the trainer
   try:
     if name in DISTRIBUTED_COMMANDS:  # several processes (launch/local.sh --processes, a TPU pod): join them first
       from ardiff import distributed

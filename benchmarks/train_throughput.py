@@ -39,13 +39,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from ardiff import host_memory  # noqa: E402
+
+# Before `import jax`, whose import starts a thread (ardiff.host_memory says why that matters): what
+# `python -m ardiff train` sets on a CPU host, for both codebases alike (they share this process).
+if __name__ == "__main__" and "--glibc_malloc_defaults" not in sys.argv[1:]:
+  HOST_MEMORY = host_memory.keep_freed_memory()
+else:
+  HOST_MEMORY = (False, "not set: --glibc_malloc_defaults, or imported as a module")
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from ardiff import attention as attention_lib  # noqa: E402
-from ardiff import host_memory  # noqa: E402
 from ardiff import masks  # noqa: E402
 from ardiff.config import ModelConfig  # noqa: E402
 from ardiff.model import Mlp, Transformer, init_params  # noqa: E402
@@ -169,11 +177,9 @@ def main(argv=None) -> int:
                  help="leave glibc's malloc as it is (default: what `python -m ardiff train` sets on a CPU, "
                       "ardiff.host_memory; it applies to both codebases, which share this process)")
   args = p.parse_args(argv)
-  if args.glibc_malloc_defaults:
-    print("host memory: glibc malloc defaults (each step's XLA:CPU temporaries are mapped and faulted in anew)")
-  else:  # before jax.devices(): the settings only reach threads that have not allocated yet
-    applied, why = host_memory.keep_freed_memory()
-    print(f"host memory: {why}" if applied else f"host memory: glibc malloc defaults ({why})")
+  applied, why = HOST_MEMORY  # set at import, before jax (above)
+  print(f"host memory: {why}" if applied else f"host memory: glibc malloc defaults ({why}): each step's XLA:CPU "
+        "temporaries are mapped and faulted in anew")
   shapes = [x.strip() for x in args.shapes.split(",") if x.strip()]
   for x in shapes:
     if x not in SHAPES:
