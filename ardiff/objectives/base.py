@@ -158,14 +158,19 @@ def token_nll(logits_blv: jax.Array, targets_bl: jax.Array, mask_token_id: Optio
 
   The losses' form of ``gather_nll(log_probs(logits), targets)``: it never materialises the log-probabilities,
   and the vocabulary compares (a select, not a scatter or gather) keep its gradient one elementwise fusion,
-  ``softmax - one_hot`` (1.5x faster forward + backward than the gather form on a CPU).
+  ``softmax - one_hot`` (1.5x faster forward + backward than the gather form on a CPU). A target equal to
+  ``mask_token_id`` gives ``inf``; one outside ``[0, vocab)`` gives NaN.
   """
   logits = logits_blv.astype(jnp.float32)
   vocab_ids = lax.broadcasted_iota(jnp.int32, (logits.shape[-1],), 0)
   if mask_token_id is not None:
     logits = jnp.where(vocab_ids == mask_token_id, -jnp.inf, logits)
   target_logit = jnp.sum(jnp.where(vocab_ids == targets_bl[..., None], logits, 0.0), axis=-1)
-  return jax.nn.logsumexp(logits, axis=-1) - target_logit
+  nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+  # A target outside the vocabulary (a -1 "ignore" id left at a loss position) matches no column: without this its
+  # NLL would be the bare logsumexp, a plausible finite loss. NaN, as the gather form's out-of-bounds fill gave.
+  in_vocab = (targets_bl >= 0) & (targets_bl < logits.shape[-1])
+  return jnp.where(in_vocab, nll, jnp.nan)
 
 
 def per_token_metrics(nll_sum: jax.Array, count: jax.Array, prefix: str) -> dict:
