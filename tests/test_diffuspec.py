@@ -26,21 +26,22 @@ def test_fill_schedule_and_window():
   assert window_size(4, 4) == 12 and window_size(3, 2) == 9 and window_size(2, 1) == 4
 
 
-DIFFUSPEC_CASES = [  # (block_size, num_draft, draft_steps, temperature, top_k, top_p)
-    (2, 2, 1, 1.0, 0, 1.0), (3, 3, 2, 0.7, 4, 0.6)]
+DIFFUSPEC_CASES = [  # (block_size, num_draft, draft_steps, temperature, top_k, top_p, draft_token_shift)
+    (2, 2, 1, 1.0, 0, 1.0, False), (3, 3, 2, 0.7, 4, 0.6, False), (2, 3, 2, 0.8, 0, 1.0, True)]
 
 
-@pytest.mark.parametrize("bs,k,steps,temperature,top_k,top_p", DIFFUSPEC_CASES)
-def test_diffuspec_law(models, bs, k, steps, temperature, top_k, top_p):
+@pytest.mark.parametrize("bs,k,steps,temperature,top_k,top_p,shift", DIFFUSPEC_CASES)
+def test_diffuspec_law(models, bs, k, steps, temperature, top_k, top_p, shift):
   model, params, draft, dparams = models
   prompt, lens = _batch()
   res = sample_diffuspec(params, model, dparams, draft, prompt, lens, rng=jax.random.PRNGKey(300 + bs),
                          max_new_tokens=T, block_size=bs, num_draft=k, draft_steps=steps, temperature=temperature,
-                         top_k=top_k, top_p=top_p)
+                         top_k=top_k, top_p=top_p, draft_token_shift=shift)
   np.testing.assert_array_equal(np.asarray(res.lengths), T)
   assert int(res.draft_nfe) == 1 + steps * int(res.steps)
   assert np.mean(np.asarray(res.accepted)) > 0.3  # drafts are accepted often enough to exercise the bonus path
-  _assert_exact(_law_pvalues(res.tokens, model, params, temperature, top_k, top_p), ("diffuspec", bs, k, steps))
+  _assert_exact(_law_pvalues(res.tokens, model, params, temperature, top_k, top_p),
+                ("diffuspec", bs, k, steps, shift))
 
 
 def test_diffuspec_negative_control_is_rejected(models):
@@ -57,16 +58,19 @@ def _ragged(lengths, width, seed=0):
   return prompt, np.array(lengths, np.int32)
 
 
-def test_greedy_diffuspec_equals_greedy_ar_and_drafter_window_is_exact(models):
-  """Greedy DiffuSpec emits greedy AR's tokens; every drafter forward's logits at the draft slots equal an uncached
-  ``BlockCausal(B)`` forward of [committed prefix ; the same window] (positions past the window lie in later blocks
-  and are invisible, so the references can share one padded batch)."""
+@pytest.mark.parametrize("shift", [False, True])
+def test_greedy_diffuspec_equals_greedy_ar_and_drafter_window_is_exact(models, shift):
+  """Greedy DiffuSpec emits greedy AR's tokens; every drafter forward's logits predicting the draft slots equal an
+  uncached ``BlockCausal(B)`` forward of [committed prefix ; the same window] at the slots' rows, or with
+  ``draft_token_shift`` at the rows before them (positions past the window lie in later blocks and are invisible,
+  so the references can share one padded batch)."""
   model, params, draft, dparams = models
   prompt, lens = _ragged([5, 2, 3, 6], 6)
   m, bs, k, n_fwd = 16, 3, 3, 2
   ar = sample_ar(params, model, prompt, lens, rng=jax.random.PRNGKey(0), max_new_tokens=m, greedy=True)
   ds = sample_diffuspec(params, model, dparams, draft, prompt, lens, rng=jax.random.PRNGKey(1), max_new_tokens=m,
-                        block_size=bs, num_draft=k, draft_steps=n_fwd, greedy=True, return_trace=True)
+                        block_size=bs, num_draft=k, draft_steps=n_fwd, greedy=True, draft_token_shift=shift,
+                        return_trace=True)
   np.testing.assert_array_equal(np.asarray(ds.tokens), np.asarray(ar.tokens))
   assert int(ds.nfe) == 1 + int(ds.steps) and int(ds.draft_nfe) == 1 + n_fwd * int(ds.steps)
 
@@ -77,14 +81,14 @@ def test_greedy_diffuspec_equals_greedy_ar_and_drafter_window_is_exact(models):
   for s in range(int(ds.steps)):
     for r in range(len(lens)):
       a, tail = tr["start"][s, r], tr["slots"][s, r]
-      assert a % bs == 0 and 0 <= tail <= bs + k
+      assert a % bs == 0 and 1 <= tail <= bs + k  # >= 1: a shifted slot 0 reads the window's row tail - 1
       if a + tail > len(full[r]):
         continue  # the row's committed tokens run past the generated ones kept in the result
       for f in range(n_fwd):
         window = tr["inputs"][s, f, r]
         np.testing.assert_array_equal(window[:tail], full[r][a:a + tail])  # the known tail
         seqs.append(np.concatenate([full[r][:a], window]))
-        where.append(a + tail + np.arange(k))
+        where.append(a + tail + np.arange(k) - int(shift))
         want.append(tr["logits"][s, f, r])
   assert len(seqs) > 20
   width = max(len(x) for x in seqs)
@@ -96,7 +100,8 @@ def test_greedy_diffuspec_equals_greedy_ar_and_drafter_window_is_exact(models):
   np.testing.assert_allclose(want, got, rtol=1e-5, atol=1e-5 * float(np.abs(got).max()))
   # FreeCache-style guidance with tau = 1 keeps exactly the drafts that are the target's top-1: greedy AR again.
   guided = sample_diffuspec(params, model, dparams, draft, prompt, lens, rng=jax.random.PRNGKey(1),
-                            max_new_tokens=m, block_size=bs, num_draft=k, draft_steps=n_fwd, greedy=True, guide=1.0)
+                            max_new_tokens=m, block_size=bs, num_draft=k, draft_steps=n_fwd, greedy=True, guide=1.0,
+                            draft_token_shift=shift)
   np.testing.assert_array_equal(np.asarray(guided.tokens), np.asarray(ar.tokens))
 
 

@@ -31,7 +31,10 @@ emitted law is no longer the target's: its cost is measured (gen-PPL), not assum
 is still greedy AR.
 
 The target may be any model run with a ``Causal`` mask: an AR run, or a TiDAR run in its AR mode. The drafter is
-a block-diffusion model predicting ``x_0`` at each masked position (no token shift). ``nfe`` counts target forwards
+a block-diffusion model predicting ``x_0`` at each masked position; with ``draft_token_shift`` (a Fast-dLLM v2 run,
+trained with token shift) slot ``i`` is predicted by the window row before it instead. That row always exists: the
+window starts with at least one known token (``A <= floor(L_prev / B) * B <= L_prev < L``; at the first step
+``A = floor(P / B) * B < P + 1 = L``). ``nfe`` counts target forwards
 (prefill 1 + one per step); ``draft_nfe`` drafter forwards (prefill 1 + S per step).
 """
 
@@ -60,7 +63,8 @@ class DiffuSpecResult(NamedTuple):
   accepted: jax.Array  # int32 [b]: accepted drafts per row
   trace: Optional[dict]  # if requested, per step s and draft forward f: 'start' [S_max, b] (the drafter cache
   #   length A), 'inputs' [S_max, S, b, W] (the window fed at positions A..A+W), 'slots' [S_max, b] (the first draft
-  #   slot's window index, L - A), 'logits' [S_max, S, b, k, V] (raw drafter logits at the k slots)
+  #   slot's window index, L - A), 'logits' [S_max, S, b, k, V] (raw drafter logits predicting the k slots: their
+  #   own rows, or the rows before them with draft_token_shift)
 
 
 def fill_schedule(num_draft: int, draft_steps: int) -> np.ndarray:
@@ -93,10 +97,11 @@ def _gather_rows(x, idx):
 
 @functools.partial(jax.jit, static_argnames=("model", "draft_model", "block_size", "num_draft", "draft_steps",
                                              "max_new_tokens", "top_k", "top_p", "greedy", "eos_id", "pad_id",
-                                             "accept_rule", "guide", "return_trace"))
+                                             "accept_rule", "guide", "draft_token_shift",
+                                             "return_trace"))
 def _sample_diffuspec(params, draft_params, prompt, prompt_lengths, rng, temperature, *, model, draft_model,
                       block_size, num_draft, draft_steps, max_new_tokens, top_k, top_p, greedy, eos_id, pad_id,
-                      accept_rule, guide, return_trace):
+                      accept_rule, guide, draft_token_shift, return_trace):
   b, p = prompt.shape
   bs, k, n_fwd = block_size, num_draft, draft_steps
   w = window_size(bs, k)
@@ -140,7 +145,7 @@ def _sample_diffuspec(params, draft_params, prompt, prompt_lengths, rng, tempera
       prev = _gather_rows(jnp.where(filled[None], drafts, d_mask_id), jnp.clip(slot, 0, k - 1))
       inputs = jnp.where(is_slot, prev, base)
       out = draft_model.apply({"params": draft_params}, inputs, mask=block_causal, cache=dcache)
-      raw = _gather_rows(out.logits, at)  # [b, k, V]
+      raw = _gather_rows(out.logits, at - 1 if draft_token_shift else at)  # [b, k, V]; at >= tail >= 1
       ql = proc_d(raw)
       tok = sample(key, ql)
       new = (slot_idx >= lo) & (slot_idx < hi)
@@ -201,7 +206,7 @@ def sample_diffuspec(params, model, draft_params, draft_model, prompt, prompt_le
                      block_size: int, num_draft: int = 4, draft_steps: int = 1, temperature=1.0, top_k: int = 0,
                      top_p=1.0, greedy: bool = False, eos_id: Optional[int] = None, pad_id: Optional[int] = None,
                      padding_side: str = "right", accept_rule: str = "exact", guide: Optional[float] = None,
-                     return_trace: bool = False) -> DiffuSpecResult:
+                     draft_token_shift: bool = False, return_trace: bool = False) -> DiffuSpecResult:
   """Sample from the AR ``model`` (target, ``Causal``) with the block-diffusion ``draft_model`` (``BlockCausal(
   block_size)``, its training block size) proposing ``num_draft`` tokens in ``draft_steps`` forwards per step.
 
@@ -209,7 +214,9 @@ def sample_diffuspec(params, model, draft_params, draft_model, prompt, prompt_le
   ``[1, P]``, ``padding_side``). The samples follow the target's processed distribution exactly
   (``accept_rule="exact"``; the others are negative controls, :mod:`ardiff.sampling.rejection`); ``temperature == 0``
   or ``greedy`` gives greedy AR decoding of the target. ``guide`` in (0, 1] switches to the lossy FreeCache-style
-  acceptance (module docstring); None (default) is the exact rule.
+  acceptance (module docstring); None (default) is the exact rule. ``draft_token_shift`` must match how the
+  drafter was trained (its run's ``objective.token_shift``: True for the Fast-dLLM v2 recipe): with the wrong
+  setting the samples stay exact, but the drafts are read from the wrong rows and are rarely accepted.
   """
   if max_new_tokens < 1 or num_draft < 1 or block_size < 1:
     raise ValueError(f"max_new_tokens ({max_new_tokens}), num_draft ({num_draft}) and block_size ({block_size}) must "
@@ -233,4 +240,4 @@ def sample_diffuspec(params, model, draft_params, draft_model, prompt, prompt_le
                            draft_steps=int(draft_steps), max_new_tokens=int(max_new_tokens), top_k=int(top_k),
                            top_p=float(top_p), greedy=greedy, eos_id=eos_id, pad_id=pad_id,
                            accept_rule=accept_rule, guide=None if guide is None else float(guide),
-                           return_trace=bool(return_trace))
+                           draft_token_shift=bool(draft_token_shift), return_trace=bool(return_trace))

@@ -168,12 +168,12 @@ def main(argv) -> int:
     if not args.draft_checkpoint:
       raise UsageError("--sampler diffuspec needs --draft_checkpoint DIR (a block-diffusion run with the same vocab).")
     draft_exp, draft_model, draft_params = load_run(args.draft_checkpoint)
-    if draft_exp.objective.kind != "block_diffusion" or draft_exp.objective.token_shift:
-      raise UsageError(f"--draft_checkpoint {args.draft_checkpoint} is a {draft_exp.objective.kind} run"
-                       + (" with token_shift" if draft_exp.objective.token_shift else "") + "; diffuspec drafts "
-                       "with a block-diffusion run without token shift (e.g. runs/default).")
+    if draft_exp.objective.kind != "block_diffusion":
+      raise UsageError(f"--draft_checkpoint {args.draft_checkpoint} is a {draft_exp.objective.kind} run; diffuspec "
+                       "drafts with a block-diffusion run (e.g. runs/default, or a Fast-dLLM v2 / SDAR fine-tune).")
     draft, options = (draft_params, draft_model), dict(num_draft=args.num_draft, draft_steps=args.draft_steps,
-                                                       guide=args.guide)
+                                                       guide=args.guide,
+                                                       draft_token_shift=bool(draft_exp.objective.token_shift))
     block_size = block_size or draft_exp.objective.block_size
     context = min(context, draft_exp.data.seq_len)
   eos_id = tok.eos_id
