@@ -158,6 +158,8 @@ def test_byte_tokenizer_roundtrip():
   assert max(ids) < 256 and tok.decode(ids) == text
   assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.mask_id]) == text
   assert isinstance(tok, tokenizers.Tokenizer)
+  nbytes = tokenizers.token_byte_lengths(tok)  # bits per byte: the text's UTF-8 bytes, specials count 0
+  assert nbytes.shape == (259,) and nbytes[[tok.bos_id] + ids + [tok.eos_id, tok.mask_id]].sum() == len(text.encode())
   tok2 = tokenizers.make_tokenizer("byte:bos,eos,pad,mask")
   assert (tok2.vocab_size, tok2.pad_id, tok2.mask_id) == (260, 258, 259)
   with pytest.raises(ValueError, match="unknown tokenizer spec"):
@@ -179,6 +181,7 @@ def test_sentencepiece_tokenizer(tmp_path):
   assert 0 < len(ids) < len(s) and max(ids) < 300
   assert tok.decode(ids) == s
   assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.mask_id]) == s
+  assert tokenizers.token_byte_lengths(tok) is None  # "▁" pieces and byte fallback: no per-id byte count
 
 
 def test_hf_tokenizer(tmp_path):
@@ -199,6 +202,10 @@ def test_hf_tokenizer(tmp_path):
   ids = tok.encode(s)
   assert len(ids) < len(s) and tok.decode(ids) == s
   assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.mask_id]) == s
+  nbytes = tokenizers.token_byte_lengths(tok)  # byte-level: each id's bytes, specials (real or virtual) 0
+  for t in (s, "Ça, 生 — O'er\n\n  x"):
+    ids = [tok.bos_id] + tok.encode(t) + [tok.eos_id, tok.mask_id]
+    assert nbytes.shape == (tok.vocab_size,) and nbytes[ids].sum() == len(t.encode())
 
 
 def test_missing_tokenizer_file_errors(tmp_path):

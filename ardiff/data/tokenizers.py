@@ -25,6 +25,7 @@ __all__ = [
     "SentencePieceTokenizer",
     "HFTokenizer",
     "make_tokenizer",
+    "token_byte_lengths",
 ]
 
 
@@ -187,6 +188,31 @@ class HFTokenizer(_VirtualSpecials):
 
   def __repr__(self) -> str:
     return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def token_byte_lengths(tok: Tokenizer):
+  """int32 ``[vocab_size]``: the UTF-8 bytes each id stands for (specials 0), so a sequence's text length is the sum
+  over its ids; None where that is not a per-id constant (SentencePiece, a Hugging Face tokenizer that is not
+  byte-level). Bits per byte, comparable across tokenizers, need it: a loss per token says nothing across vocabularies.
+  """
+  import numpy as np
+  out = np.zeros((tok.vocab_size,), np.int32)
+  if isinstance(tok, ByteTokenizer):
+    out[:256] = 1
+    return out
+  if not isinstance(tok, HFTokenizer) or type(tok._tok.decoder).__name__ != "ByteLevel":
+    return None
+  from tokenizers import pre_tokenizers
+  alphabet = set(pre_tokenizers.ByteLevel.alphabet())  # one character per byte (GPT-2's byte-to-unicode map)
+  specials = {i for i, t in tok._tok.get_added_tokens_decoder().items() if t.special}
+  for i in range(tok.base_vocab_size):
+    piece = tok._tok.id_to_token(i)
+    if i in specials or piece is None:
+      continue
+    if not set(piece) <= alphabet:  # an added non-special token spelled in plain text: no byte map to trust
+      return None
+    out[i] = len(piece)
+  return out
 
 
 def make_tokenizer(spec: "str | Tokenizer") -> Tokenizer:

@@ -18,13 +18,14 @@ def make_jitted_eval(model: Transformer, objective: objectives.ObjectiveConfig):
 
 
 def evaluate(params, batches: Iterable[dict], *, model: Transformer, objective: objectives.ObjectiveConfig,
-             rng: jax.Array, max_batches: Optional[int] = None, byte_vocab: bool = True, eval_fn=None,
+             rng: jax.Array, max_batches: Optional[int] = None, token_bytes=None, eval_fn=None,
              put_batch=None) -> dict:
   """Sums over batches, then ratios (exact aggregation). Diffusion: ``nelbo`` uses the count estimator over the
   full noise range, so ``ppl_upper_bound = exp(nelbo per token)`` bounds the true perplexity in expectation.
 
   Under several processes ``batches`` are each process's rows of the global batches (``put_batch`` makes them
   global): all processes stop at the first batch that any of them lacks, and the byte count is summed over them.
+  ``token_bytes`` (:func:`ardiff.data.tokenizers.token_byte_lengths`, int ``[vocab]``) adds ``bits_per_byte``.
   """
   eval_fn = eval_fn or make_jitted_eval(model, objective)
   total, count, n_bytes, n_batches = 0.0, 0, 0, 0
@@ -41,7 +42,8 @@ def evaluate(params, batches: Iterable[dict], *, model: Transformer, objective: 
     count += int(out["num_targets"])
     tokens = np.asarray(batch["tokens"])
     seg = np.asarray(batch["segment_ids"]) if "segment_ids" in batch else np.ones_like(tokens)
-    n_bytes += int(np.sum((tokens < 256) & (seg != 0)))
+    if token_bytes is not None:
+      n_bytes += int(np.sum(np.where(seg != 0, token_bytes[tokens], 0)))
     n_batches += 1
   if many:
     n_bytes = distributed.sum_processes(n_bytes)
@@ -52,7 +54,7 @@ def evaluate(params, batches: Iterable[dict], *, model: Transformer, objective: 
   result = {f"{name}_per_token": per_token, "bits_per_token": per_token / math.log(2), "num_targets": count,
             "num_batches": n_batches}
   result["perplexity" if name == "nll" else "perplexity_upper_bound"] = math.exp(min(per_token, 700.0))
-  if byte_vocab and n_bytes:
+  if token_bytes is not None and n_bytes:
     result["bits_per_byte"] = total / math.log(2) / n_bytes
   return result
 

@@ -112,6 +112,7 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
   model = Transformer(exp.model)
   batch_sh = sharding.batch_sharding(mesh)
   train_iter, tok = make_datasets(exp, batch_sh, seed=tcfg.seed)
+  token_bytes = None if exp.image is not None else data_lib.token_byte_lengths(tok)  # eval's bits per byte
   main_process = distributed.is_main()
   say = print if main_process else (lambda *a, **k: None)  # only process 0 talks and writes logs
 
@@ -209,8 +210,7 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
     if done % tcfg.eval_every == 0 or done == total_steps:
       ev = evaluate_lib.evaluate(state.params, eval_batches(exp, tok, batch_sh), model=model, objective=exp.objective,
                                  rng=jax.random.key(done), max_batches=tcfg.eval_batches, eval_fn=eval_fn,
-                                 put_batch=put,
-                                 byte_vocab=exp.data.tokenizer.startswith("byte") and exp.image is None)
+                                 put_batch=put, token_bytes=token_bytes)
       for k, v in ev.items():
         writer.add_scalar(f"eval/{k}", v, done)
       metrics_log.write({"step": done, **{f"eval/{k}": v for k, v in ev.items()}})
@@ -328,7 +328,7 @@ def evaluate_run(run_dir, *, max_batches: Optional[int] = None, use_ema: bool = 
   put = lambda b: data_lib.to_global_batch(b, batch_sh)
   return evaluate_lib.evaluate(params, eval_batches(exp, tok, batch_sh), model=model, objective=exp.objective,
                                rng=jax.random.key(0), max_batches=max_batches, put_batch=put,
-                               byte_vocab=exp.data.tokenizer.startswith("byte") and exp.image is None)
+                               token_bytes=None if exp.image is not None else data_lib.token_byte_lengths(tok))
 
 
 def _progress(start, total, enabled):
