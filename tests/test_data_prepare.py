@@ -241,7 +241,8 @@ def test_trained_tokenizer_reserves_specials_and_round_trips(tmp_path, kind):
 @pytest.mark.usefixtures("fast_compiles")  # compile-dominated; what is checked is the data's way through
 def test_folder_of_text_to_bpe_training_through_the_cli(tmp_path, capsys):
   """The README's three commands: prepare a folder of .txt files, train a BPE on it, show the packed rows (decoded
-  back to the documents), train a few steps; a config with the byte vocabulary stops at load with the fix."""
+  back to the documents), train a few steps; a config with the byte vocabulary (configs/default_byte.py) stops at load
+  with the fix."""
   docs = [f"Document {i}: " + d for i, d in enumerate(_docs(64))]  # >= 8 validation docs: one per data shard
   corpus = tmp_path / "corpus"
   corpus.mkdir()
@@ -278,7 +279,8 @@ def test_folder_of_text_to_bpe_training_through_the_cli(tmp_path, capsys):
           "--config.model.num_kv_heads=1", "--config.model.head_dim=16", "--config.model.mlp_dim=64",
           "--config.train.batch_size=8", "--config.train.num_steps=2", "--config.train.eval_batches=1",
           "--config.train.num_samples=0", "--config.optimizer.warmup_steps=1", f"--config.train.run_dir={run}"]
-  assert cli.main(["ardiff", "train", *flags[:-1], *tiny, "--noprogress"]) == 2
+  byte_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default_byte.py")
+  assert cli.main(["ardiff", "train", "--config", byte_config, *flags[:-1], *tiny, "--noprogress"]) == 2
   err = capsys.readouterr().err
   assert f"Fix: --config.model.vocab_size={vocab} --config.model.mask_token_id=3." in err and not os.path.exists(run)
   assert cli.main(["ardiff", "train", *flags, "--config.model.mask_token_id=3", *tiny, "--noprogress"]) == 0

@@ -82,13 +82,14 @@ def generate(sampler: str, params, model, prompt, prompt_lengths, *, rng, num_to
 
 
 def generate_for_experiment(params, model, exp, tok, *, num_samples: int, num_tokens: int, rng,
-                            prompt: str = DEFAULT_PROMPT, temperature: float = 1.0, top_p: float = 0.9) -> list:
+                            prompt: str = DEFAULT_PROMPT, temperature: float = 1.0, top_p: float = 0.9,
+                            strategy: str = "first_hitting") -> list:
   """``num_samples`` texts of about ``num_tokens`` new tokens from the family's own sampler (``temperature``,
   ``top_p``: the trainer passes ``train.sample_temperature`` / ``train.sample_top_p``).
 
   ``num_tokens`` is capped to the model's context (``exp.data.seq_len`` minus the prompt): positions past the
   training length are out of distribution, so samples there would read as noise (the trainer's ``train.sample_tokens``
-  is documented as capped the same way).
+  is documented as capped the same way). ``strategy``: the block-diffusion commit rule (other families ignore it).
   """
   ids = encode_prompt(tok, prompt)
   room = exp.data.seq_len - len(ids)
@@ -97,7 +98,11 @@ def generate_for_experiment(params, model, exp, tok, *, num_samples: int, num_to
                      f"data.seq_len={exp.data.seq_len}; use a shorter prompt.")
   num_tokens = min(num_tokens, room)
   sampler = default_sampler(exp.objective, model)
-  options = dict(strategy="topk_confidence") if sampler == "block_diffusion" else {}
+  # Block diffusion: BD3-LM's own first-hitting sampler (a uniformly random masked position per step). Committing the
+  # most confident position first instead (top-1 confidence) lets an early-training model fill its blocks with what
+  # it is surest of, newlines and punctuation: measured on the default run, 15% of the sampled characters were
+  # newlines (the corpus: 3.7%) and a third fewer words per sample, against 4% and corpus-like word counts.
+  options = dict(strategy=strategy) if sampler == "block_diffusion" else {}
   res = generate(sampler, params, model, np.tile(np.asarray(ids, np.int32), (num_samples, 1)),
                  np.full(num_samples, len(ids)), rng=rng, num_tokens=num_tokens, objective=exp.objective,
                  temperature=temperature, top_p=top_p, eos_id=tok.eos_id, **options)

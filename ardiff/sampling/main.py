@@ -4,7 +4,7 @@ exported params directory); prints the samples, then one line of figures.
     python -m ardiff sample --checkpoint runs/default --prompt "ROMEO." --strategy threshold --threshold 0.9
     python -m ardiff sample --checkpoint runs/tidar_shakespeare --sampler tidar
     python -m ardiff sample --checkpoint runs/ar_shakespeare --sampler speculative --draft_checkpoint runs/ar_small
-    python -m ardiff sample --checkpoint runs/ar_shakespeare --sampler diffuspec --draft_checkpoint runs/default
+    python -m ardiff sample --checkpoint runs/ar_shakespeare --sampler diffuspec --draft_checkpoint runs/default_byte
 
 The prompt plus the new tokens must fit in the model's context, the run's data.seq_len (BOS included): a longer
 prompt is an error unless --truncate_prompt N keeps its last N tokens (a note says so). The byte tokenizer takes the
@@ -170,7 +170,8 @@ def main(argv) -> int:
     draft_exp, draft_model, draft_params = load_run(args.draft_checkpoint)
     if draft_exp.objective.kind != "block_diffusion":
       raise UsageError(f"--draft_checkpoint {args.draft_checkpoint} is a {draft_exp.objective.kind} run; diffuspec "
-                       "drafts with a block-diffusion run (e.g. runs/default, or a Fast-dLLM v2 / SDAR fine-tune).")
+                       "drafts with a block-diffusion run of the same vocabulary (e.g. runs/default_byte for a "
+                       "byte-level target, or a Fast-dLLM v2 / SDAR fine-tune of the target).")
     draft, options = (draft_params, draft_model), dict(num_draft=args.num_draft, draft_steps=args.draft_steps,
                                                        guide=args.guide,
                                                        draft_token_shift=bool(draft_exp.objective.token_shift))
