@@ -8,7 +8,9 @@ tokens/forward, tokens/s, gen-PPL, entropy and word share, written to docs/resul
 
 Families (same backbone, batch, sequence length and number of optimizer steps, i.e. the same training tokens):
 AR, MDLM (one block = the whole sequence), BD3 B = 4/8/16 from scratch, BD3 B = 4 from the AR checkpoint with the
-SDAR and Fast-dLLM v2 recipes (AR steps + the same number of fine-tune steps: stated in the table), TiDAR (B = 4).
+SDAR and Fast-dLLM v2 recipes (AR steps + the same number of fine-tune steps: stated in the table), TiDAR (B = 4)
+from scratch and from the AR checkpoint (as the TiDAR paper starts from a pretrained AR model). DiffuSpec drafts with
+the BD3 B = 4 run and with the two AR-initialised fine-tunes (the Fast-dLLM v2 one with its token shift).
 Equal compute is equal training tokens; a BD3 step costs about 2x an AR step (its 2L forward over [x_t ; x_0]),
 which the train-time column shows. Quality: validation NLL (AR) or NELBO (diffusion, an upper bound) per token and
 its perplexity ratio to AR, on the validation split (2 plays never trained on) and on held-out English the models
@@ -38,6 +40,9 @@ PROMPTS = ("ROMEO.\n", "KING HENRY.\nOnce more unto", "HAMLET.\nTo be, or not to
 DELIMITERS = "\n.!?;:"
 
 
+FROM_AR = ("sdar_b4", "fastdllm_b4", "tidar_b4_ar")  # fine-tunes of the AR run: AR steps + as many of their own
+
+
 def family_configs(args) -> dict:
   """name -> experiment config, in training order (the AR run first: the fine-tunes start from it)."""
   from ardiff.cli_flags import load_config_file
@@ -47,8 +52,10 @@ def family_configs(args) -> dict:
     out.update(mdlm=cfg("mdlm_shakespeare.py"), bd3_b8=cfg("bd3.py:block_size=8"),
                bd3_b16=cfg("bd3.py:block_size=16"), sdar_b4=cfg("finetune.py:recipe=sdar,block_size=4"),
                fastdllm_b4=cfg("finetune.py:recipe=fastdllm_v2,block_size=4"), tidar_b4=cfg("tidar_shakespeare.py"),
-               bd3_b4_clip=cfg("bd3.py:block_size=4"))
-    out["tidar_b4"].objective.block_size = 4
+               bd3_b4_clip=cfg("bd3.py:block_size=4"), tidar_b4_ar=cfg("tidar_shakespeare.py"))
+    # TiDAR as its paper trains it: from a pretrained AR model (here the AR run, + the same number of TiDAR steps)
+    for name in ("tidar_b4", "tidar_b4_ar"):
+      out[name].objective.block_size = 4
     # A quality lever measured on its own row: BD3-LM's data-driven clipped noise schedule (the [lo, lo + w] of
     # least NELBO variance, searched every eval_every steps on validation batches), else identical to bd3_b4.
     out["bd3_b4_clip"].objective.update(clip_search=True, clip_search_every=100)
@@ -63,7 +70,7 @@ def family_configs(args) -> dict:
       c.objective.block_size = c.data.seq_len
     c.train.update(run_dir=os.path.join(args.runs_root, name), num_steps=args.steps, num_samples=0,
                    eval_every=args.steps, save_every=args.steps, eval_batches=args.eval_batches)
-    c.train.init_from = ar_dir if name in ("sdar_b4", "fastdllm_b4") else ""
+    c.train.init_from = ar_dir if name in FROM_AR else ""
   return out
 
 
@@ -122,8 +129,15 @@ def sampler_settings(runs: dict) -> list:
                     delimiter_threshold=0.5)))
   if "tidar_b4" in runs:
     rows.append(("TiDAR B=4", "tidar", "tidar_b4", None, {}))
+  if "tidar_b4_ar" in runs:
+    rows.append(("TiDAR B=4, from AR", "tidar", "tidar_b4_ar", None, {}))
   for k, s in ((4, 1), (4, 2), (8, 2)):
     rows.append((f"DiffuSpec k={k} S={s} (exact)", "diffuspec", "ar", "bd3_b4", dict(num_draft=k, draft_steps=s)))
+  for drafter in ("sdar_b4", "fastdllm_b4"):  # AR-initialised drafters: closer to the target's law
+    if drafter in runs:
+      for k, s in ((4, 1), (4, 2), (8, 2)):
+        rows.append((f"DiffuSpec k={k} S={s}, {drafter} drafter (exact)", "diffuspec", "ar", drafter,
+                     dict(num_draft=k, draft_steps=s)))
   rows.append(("DiffuSpec k=4 S=1, FreeCache guide 0.3 (lossy)", "diffuspec", "ar", "bd3_b4",
                dict(num_draft=4, draft_steps=1, guide=0.3)))
   return rows
@@ -166,6 +180,7 @@ def measure(args, runs: dict) -> list:
       if drafter:
         dexp, dmodel, dparams = loaded[drafter]
         draft, block_size = (dparams, dmodel), dexp.objective.block_size
+        options = dict(options, draft_token_shift=bool(dexp.objective.token_shift))
       fn = lambda: generate(sampler, params, model, prompt, lens, rng=jax.random.key(0), num_tokens=args.new_tokens,
                             objective=exp.objective, block_size=block_size, draft=draft, temperature=1.0,
                             top_p=0.9, eos_id=None, **options)
