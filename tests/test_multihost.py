@@ -18,8 +18,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "local.sh")
-# tiny model; mesh fsdp=2 x tensor=2 spans both processes' devices (fsdp across the processes, tensor within)
-TINY = ["--progress=false", "--config.model.vocab_size=260", "--config.model.embed_dim=32",
+# tiny byte-level model (vocab 260: the byte tokenizer's 259 ids padded to divide mesh.tensor); mesh fsdp=2 x
+# tensor=2 spans both processes' devices (fsdp across the processes, tensor within)
+TINY = ["--config", os.path.join(ROOT, "configs", "default_byte.py"), "--progress=false",
+        "--config.model.vocab_size=260", "--config.model.embed_dim=32",
         "--config.model.num_layers=2", "--config.model.num_heads=2", "--config.model.num_kv_heads=2", "--config.model.head_dim=16", "--config.model.mlp_dim=64",
         "--config.data.seq_len=32", "--config.train.batch_size=8", "--config.train.eval_batches=2",
         "--config.optimizer.warmup_steps=2", "--config.mesh.data=1", "--config.mesh.fsdp=2",
