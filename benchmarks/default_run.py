@@ -30,46 +30,50 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-# lever -> `ardiff train` arguments. default: configs/default.py (the vendored 8192-id BPE); byte: its byte-level
-# variant; bpe1024: the earlier 1024-id BPE lever (300 steps unless the lever says otherwise); ("bpe", N, flags): a
-# BPE of N ids that is not vendored, trained into OUT first the way the vendored ones were (~2 s)
+# lever -> `ardiff train` arguments, or ("bpe", N, flags): the default config over a BPE of N ids (the vendored file
+# where there is one, else one trained into OUT first the way the vendored ones were, ~2 s) plus flags.
+# default: configs/default.py (the vendored 8192-id BPE); byte: its byte-level variant; bpe1024*: the earlier
+# 1024-id BPE levers (300 steps unless the lever says otherwise).
 DEFAULT = ["--config", os.path.join(ROOT, "configs", "default.py")]
 BYTE = ["--config", os.path.join(ROOT, "configs", "default_byte.py")]
-BPE1024 = DEFAULT + ["--config.data.tokenizer=hf:" + os.path.join(ROOT, "ardiff", "data", "corpora",
-                                                                   "shakespeare_bpe1024.json"),
-                     "--config.model.vocab_size=1024"]
 LEVERS = {
     "default": DEFAULT,
     "default_steps500": DEFAULT + ["--config.train.num_steps=500"],
     "bpe2048_steps900": ("bpe", 2048, ["--config.train.num_steps=900"]),
     "bpe4096_steps600": ("bpe", 4096, ["--config.train.num_steps=600"]),
-    "bpe4096_steps600_lr6e-3": ("bpe", 4096, ["--config.train.num_steps=600", "--config.optimizer.learning_rate=0.006"]),
+    "bpe4096_steps600_lr6e-3": ("bpe", 4096, ["--config.train.num_steps=600",
+                                         "--config.optimizer.learning_rate=0.006"]),
     "bpe4096_steps800": ("bpe", 4096, ["--config.train.num_steps=800"]),
     "byte": BYTE,
     "byte_lr1e-2": BYTE + ["--config.optimizer.learning_rate=0.01"],
-    "bpe1024": BPE1024 + ["--config.train.num_steps=300"],
-    "bpe1024_lr1e-2": BPE1024 + ["--config.train.num_steps=300", "--config.optimizer.learning_rate=0.01"],
+    "bpe1024": ("bpe", 1024, ["--config.train.num_steps=300"]),
+    "bpe1024_lr1e-2": ("bpe", 1024, ["--config.train.num_steps=300", "--config.optimizer.learning_rate=0.01"]),
     # more steps in the same 720 CPU-s now that the CPU train step is cheaper (glibc malloc settings, token_nll loss,
     # BD3's last layer on the noisy half only); optimizer.total_steps follows num_steps, so the cosine stretches too
-    "bpe1024_steps600": BPE1024 + ["--config.train.num_steps=600"],
-    "bpe1024_steps600_lr6e-3": BPE1024 + ["--config.train.num_steps=600", "--config.optimizer.learning_rate=0.006"],
-    "bpe1024_steps900": BPE1024 + ["--config.train.num_steps=900"],
-    "bpe1024_steps900_lr6e-3": BPE1024 + ["--config.train.num_steps=900", "--config.optimizer.learning_rate=0.006"],
-    "bpe1024_steps900_lr1e-2": BPE1024 + ["--config.train.num_steps=900", "--config.optimizer.learning_rate=0.01"],
+    "bpe1024_steps600": ("bpe", 1024, ["--config.train.num_steps=600"]),
+    "bpe1024_steps600_lr6e-3": ("bpe", 1024, ["--config.train.num_steps=600",
+                                         "--config.optimizer.learning_rate=0.006"]),
+    "bpe1024_steps900": ("bpe", 1024, ["--config.train.num_steps=900"]),
+    "bpe1024_steps900_lr6e-3": ("bpe", 1024, ["--config.train.num_steps=900",
+                                         "--config.optimizer.learning_rate=0.006"]),
+    "bpe1024_steps900_lr1e-2": ("bpe", 1024, ["--config.train.num_steps=900", "--config.optimizer.learning_rate=0.01"]),
 }
 
 
 def lever_args(name: str, out: str) -> list:
-  """The lever's `ardiff train` arguments; a non-vendored BPE is trained into ``out`` first."""
+  """The lever's `ardiff train` arguments; a BPE that is not vendored is trained into ``out`` first."""
   lever = LEVERS[name]
   if isinstance(lever, list):
     return lever
   _, vocab_size, flags = lever
   from ardiff.data import shakespeare_bpe
-  path = os.path.abspath(os.path.join(out, f"shakespeare_bpe{vocab_size}.json"))
-  if not os.path.exists(path):
-    with open(path, "w") as f:
-      f.write(shakespeare_bpe.train(vocab_size))
+  if vocab_size in shakespeare_bpe.SHA256:
+    path = shakespeare_bpe.path(vocab_size)
+  else:
+    path = os.path.abspath(os.path.join(out, f"shakespeare_bpe{vocab_size}.json"))
+    if not os.path.exists(path):
+      with open(path, "w") as f:
+        f.write(shakespeare_bpe.train(vocab_size))
   return DEFAULT + [f"--config.data.tokenizer=hf:{path}", f"--config.model.vocab_size={vocab_size}", *flags]
 
 
