@@ -278,6 +278,8 @@ def goals(runs, rows) -> list:
       best = max(exact, key=lambda r: r["tokens_per_forward"])
       out.append(f"- {fam} (exact) tokens/forward >= 2.5: best {best['tokens_per_forward']:.2f} ({best['sampler']}), "
                  f"{'met' if best['tokens_per_forward'] >= 2.5 else 'NOT met'}.")
+  out.append("- What stands in the way of the goals not met: the section of that name below (measured by "
+             "benchmarks/tidar_ceiling.py and benchmarks/forward_cost.py).")
   return out + [""]
 
 
@@ -320,7 +322,8 @@ def write_markdown(args, runs, rows, path, plot_name):
     f.write("\n".join(lines) + "\n")
 
 
-KEPT = ("## Default run", "## Confidence distillation")  # written by benchmarks/default_run.py and distill.py runs
+KEPT = ("## Default run", "## Confidence distillation", "## What stands in the way")  # measured by other scripts:
+# default_run.py, distill.py, tidar_ceiling.py and forward_cost.py
 
 
 def kept_sections(path) -> list:
