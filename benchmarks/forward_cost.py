@@ -8,8 +8,9 @@ one token per forward) by ``n / (cost(T) / cost(1))``, before its own sampling a
 (accelerators at batch 1, weights streamed once per forward) have ``cost(T) ~ cost(1)`` for T up to hundreds; a CPU
 running a small model is compute- and dispatch-bound, so ``cost(T)`` grows with ``T``. This script measures
 ``cost(T)`` for the run's model (``--n`` forwards inside one jitted loop over a cache of ``--cache`` committed
-tokens, median of ``--repeats``), prints it as a ratio to one row, and for each ratio the tokens per forward a
-sampler with that many rows needs to reach 1.5x AR tokens/s: ``1.5 * cost(T) / cost(1)``.
+tokens, median of ``--repeats`` calls, the row counts timed in turn), prints it as a ratio to one row, and for
+each ratio the tokens per forward a sampler with that many rows needs to reach 1.5x AR tokens/s:
+``1.5 * cost(T) / cost(1)``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 
-def forward_ms(params, model, *, rows: int, cache_len: int, n: int, repeats: int) -> float:
-  """Median milliseconds of one causal forward of ``rows`` query tokens after ``cache_len`` cached tokens."""
+def forward_loop(params, model, *, rows: int, cache_len: int, n: int):
+  """A compiled call running ``n`` causal forwards of ``rows`` query tokens after ``cache_len`` cached tokens."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   from ardiff import masks as masks_lib
   from ardiff.sampling.common import prefill
@@ -39,20 +39,32 @@ def forward_ms(params, model, *, rows: int, cache_len: int, n: int, repeats: int
 
   @jax.jit
   def loop(p, cache):
-    def body(i, acc):  # the token ids depend on the carry, so XLA cannot hoist the forward out of the loop
+    def body(i, carry):
+      # The cache is carried, as the samplers carry it, so its K/V writes happen in place; the token ids depend on
+      # the carry and every logit is summed, so XLA can neither hoist the forward out of the loop nor trim its rows.
+      acc, cache = carry
       tokens = jnp.full((1, rows), 3, jnp.int32) + (acc > 1e30).astype(jnp.int32)
       positions = cache.lengths[:, None] + jnp.arange(rows)[None]
       out = model.apply({"params": p}, tokens, positions=positions, cache=cache, mask=masks_lib.Causal())
-      return acc + out.logits[0, -1, 0]
-    return jax.lax.fori_loop(0, n, body, jnp.float32(0))
+      return acc + jnp.sum(out.logits), out.cache
+    return jax.lax.fori_loop(0, n, body, (jnp.float32(0), cache))[0]
 
-  loop(params, cache).block_until_ready()
-  times = []
+  loop(params, cache).block_until_ready()  # compile
+  return lambda: loop(params, cache).block_until_ready()
+
+
+def forward_ms(params, model, *, rows, cache_len: int, n: int, repeats: int) -> dict:
+  """``{rows: median ms of one forward}``, the row counts timed in turn within each repeat (so that a slow phase of a
+  shared machine hits them all alike, not whichever was being timed)."""
+  import numpy as np
+  calls = {r: forward_loop(params, model, rows=r, cache_len=cache_len, n=n) for r in rows}
+  times = {r: [] for r in rows}
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    loop(params, cache).block_until_ready()
-    times.append((time.perf_counter() - t0) / n * 1e3)
-  return float(np.median(times))
+    for r, call in calls.items():
+      t0 = time.perf_counter()
+      call()
+      times[r].append((time.perf_counter() - t0) / n * 1e3)
+  return {r: float(np.median(t)) for r, t in times.items()}
 
 
 def main(argv=None) -> int:
@@ -67,6 +79,9 @@ def main(argv=None) -> int:
     rows = [int(r) for r in args.rows.split(",")]
   except ValueError:
     p.error(f"--rows must be comma-separated integers, got {args.rows!r}.")
+  for name in ("cache", "n", "repeats"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
   if not rows or min(rows) < 1 or 1 not in rows:
     p.error(f"--rows must be positive and include 1 (the AR step it compares to), got {args.rows!r}.")
   from ardiff import host_memory  # before JAX starts, as the other benchmarks
@@ -75,7 +90,7 @@ def main(argv=None) -> int:
 
   from ardiff.training.main import load_run
   exp, model, params = load_run(args.run)
-  cost = {r: forward_ms(params, model, rows=r, cache_len=args.cache, n=args.n, repeats=args.repeats) for r in rows}
+  cost = forward_ms(params, model, rows=rows, cache_len=args.cache, n=args.n, repeats=args.repeats)
   m = exp.model
   print(f"{args.run}: {m.num_layers} layers x {m.embed_dim}, vocabulary {model.config.vocab_size}, cache "
         f"{args.cache} tokens, batch 1, {jax.devices()[0].device_kind} ({jax.default_backend()}), "
