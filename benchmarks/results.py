@@ -278,8 +278,6 @@ def goals(runs, rows) -> list:
       best = max(exact, key=lambda r: r["tokens_per_forward"])
       out.append(f"- {fam} (exact) tokens/forward >= 2.5: best {best['tokens_per_forward']:.2f} ({best['sampler']}), "
                  f"{'met' if best['tokens_per_forward'] >= 2.5 else 'NOT met'}.")
-  out.append("- What stands in the way of the goals not met: the section of that name below (measured by "
-             "benchmarks/tidar_ceiling.py and benchmarks/forward_cost.py).")
   return out + [""]
 
 
@@ -313,11 +311,15 @@ def write_markdown(args, runs, rows, path, plot_name):
                    f"{r['tokens_per_forward']:.2f} | {r['nfe']} | {r['gen_ppl']:.2f} | {r['entropy']:.2f} | "
                    f"{r['word_share']:.0%} | {r['notes']} |")
     lines.append("")
-  lines += [f"![quality vs speed]({plot_name})", ""] + goals(runs, rows) + ["## Samples (batch 1, first 160 "
-                                                                           "characters)", ""]
+  kept = kept_sections(path)
+  pointer = ["- What stands in the way of the goals not met: the section of that name below (measured by "
+             "benchmarks/tidar_ceiling.py and benchmarks/forward_cost.py)."]
+  lines += ([f"![quality vs speed]({plot_name})", ""] + goals(runs, rows)[:-1]
+            + (pointer if any(k.startswith("## What stands in the way") for k in kept) else [])
+            + ["", "## Samples (batch 1, first 160 characters)", ""])
   for r in (r for r in rows if r["batch"] == 1):
     lines.append(f"- **{r['sampler']}**: `{r['sample']!r}`")
-  lines += kept_sections(path)
+  lines += kept
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 
