@@ -79,8 +79,10 @@ def simulate_tidar(next_dist, prompt, *, block_size: int, num_tokens: int, paths
     return next_dist(np.asarray([tokens], np.int32), np.asarray([len(tokens)]))[0]
 
   y = int(draw(rng, law_after(recent(committed))[None])[0])  # prefill
+  # bootstrap forward: the first drafts (positions |C|+1 ..) see y, the first of them is drawn from its exact law
   start = recent(committed + [y])
-  q = marginals(start, law_after(start), nd, rng)  # bootstrap forward
+  first = law_after(start)
+  q = first[None] if nd == 1 else np.concatenate([first[None], marginals(start, first, nd - 1, rng)])
   drafts = draw(rng, q)
   emitted, steps, accepted = [y], 0, 0
   while len(emitted) < num_tokens:
@@ -208,9 +210,9 @@ def main(argv=None) -> int:
     p.error(f"--blocks must be comma-separated integers, got {args.blocks!r}.")
   if min(args.blocks) < 2:
     p.error(f"every block size must be >= 2 (B - 1 drafts per step), got {args.blocks}.")
-  for name in ("num_prompts", "new_tokens", "paths"):
-    if getattr(args, name) < 1:
-      p.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+  for name, least in (("num_prompts", 1), ("new_tokens", 2), ("paths", 1)):
+    if getattr(args, name) < least:
+      p.error(f"--{name} must be >= {least}, got {getattr(args, name)}.")
   if not args.temperature > 0 or not 0 < args.top_p <= 1:
     p.error(f"need --temperature > 0 and 0 < --top_p <= 1, got {args.temperature} and {args.top_p}.")
   from ardiff import host_memory  # before JAX starts, as the other benchmarks

@@ -30,26 +30,44 @@ def _two_ahead(a, b):  # the law of the position after next, given the last two 
   return np.einsum("z,zx->x", TRANS[a, b], TRANS[b])
 
 
-def _exact_tokens_per_step():
-  """B = 2 TiDAR with the exact-marginal drafter. State (a, b, y): the last two committed tokens and the emitted,
-  uncommitted one. The draft d ~ q = _two_ahead(a, b) is accepted w.p. min(1, p[d] / q[d]), p = TRANS[b, y];
-  accepted: commit y, d and draw the bonus from TRANS[y, d] (state (y, d, y')); rejected: commit y and draw the
-  correction from norm(max(0, p - q)) (state (b, y, y'))."""
-  idx = lambda a, b, y: (a * V + b) * V + y
+def _three_ahead(a, b):
+  return sum(TRANS[a, b, z] * TRANS[b, z, w] * TRANS[z, w] for z in range(V) for w in range(V))
+
+
+def _residual(p, q):
+  r = np.maximum(p - q, 0.0)
+  return r / r.sum()
+
+
+def _exact_tokens_per_step(block_size):
+  """B = 2 or 3 TiDAR with the exact-marginal drafter. State (a, b, y): the last two committed tokens and the
+  emitted, uncommitted one. Draft d_i ~ q_i (the law i + 1 positions after b, given a, b), accepted w.p.
+  min(1, p_i[d_i] / q_i[d_i]) with p_i the target's law given everything before it. At the first rejection the
+  committed prefix gains y and the accepted drafts and the next y is a correction from norm(max(0, p - q)); with all
+  accepted, the bonus comes from the target after the last draft."""
+  idx = lambda a, b, y: [(a * V + b) * V + z for z in range(V)]  # the states (a, b, *) as a list
   m, acc = np.zeros((V ** 3, V ** 3)), np.zeros(V ** 3)
   for a in range(V):
     for b in range(V):
-      q = _two_ahead(a, b)
+      q1, q2 = _two_ahead(a, b), _three_ahead(a, b)
       for y in range(V):
-        p, s = TRANS[b, y], idx(a, b, y)
-        keep = np.minimum(1.0, p / q)
-        for d in range(V):
-          for y2 in range(V):
-            m[s, idx(y, d, y2)] += q[d] * keep[d] * TRANS[y, d, y2]
-        acc[s] = (q * keep).sum()
-        residual = np.maximum(p - q, 0.0)
-        for y2 in range(V):
-          m[s, idx(b, y, y2)] += (1.0 - acc[s]) * residual[y2] / residual.sum()
+        s, p1 = (a * V + b) * V + y, TRANS[b, y]
+        k1 = np.minimum(1.0, p1 / q1)
+        m[s, idx(b, y, 0)] += (1.0 - (q1 * k1).sum()) * _residual(p1, q1)
+        for d1 in range(V):
+          w1 = q1[d1] * k1[d1]  # d1 drawn and accepted
+          if block_size == 2:
+            acc[s] += w1
+            m[s, idx(y, d1, 0)] += w1 * TRANS[y, d1]
+            continue
+          p2 = TRANS[y, d1]
+          k2 = np.minimum(1.0, p2 / q2)
+          a2 = (q2 * k2).sum()
+          acc[s] += w1 * (1.0 + a2)
+          m[s, idx(y, d1, 0)] += w1 * (1.0 - a2) * _residual(p2, q2)
+          for d2 in range(V):
+            m[s, idx(d1, d2, 0)] += w1 * q2[d2] * k2[d2] * TRANS[d1, d2]
+  assert np.allclose(m.sum(1), 1.0)
   return 1.0 + _stationary(m) @ acc
 
 
@@ -72,13 +90,15 @@ def test_rollout_marginals_estimate_the_marginals():
   np.testing.assert_allclose(q, [_two_ahead(0, 2), second], atol=0.015)
 
 
-def test_oracle_tidar_matches_the_exact_markov_answer():
-  exact = _exact_tokens_per_step()
-  assert abs(exact - _per_prefix_shortcut()) > 0.04  # a shortcut the simulation must not take: the test sees it
+@pytest.mark.parametrize("block_size", [2, 3])
+def test_oracle_tidar_matches_the_exact_markov_answer(block_size):
+  exact = _exact_tokens_per_step(block_size)
+  if block_size == 2:
+    assert abs(exact - _per_prefix_shortcut()) > 0.04  # a shortcut the simulation must not take: the test sees it
   steps = accepted = 0
   emitted = []
   for seed in range(6):
-    r = simulate_tidar(_next_dist, [0, 0], block_size=2, num_tokens=1500, paths=3000,
+    r = simulate_tidar(_next_dist, [0, 0], block_size=block_size, num_tokens=1500, paths=3000,
                        rng=np.random.default_rng(seed), context=2)
     steps, accepted, emitted = steps + r["steps"], accepted + r["accepted"], emitted + r["tokens"]
   assert 1 + accepted / steps == pytest.approx(exact, abs=0.02)
@@ -88,3 +108,12 @@ def test_oracle_tidar_matches_the_exact_markov_answer():
   np.add.at(counts, (e[:-2], e[1:-1], e[2:]), 1)
   seen = counts.sum(-1) > 200
   np.testing.assert_allclose((counts / np.maximum(counts.sum(-1, keepdims=True), 1))[seen], TRANS[seen], atol=0.05)
+
+
+def test_bootstrap_drafts_see_the_first_token():
+  # As in the sampler, the first drafts are conditioned on y: the first of them is drawn from the exact law of its
+  # position, so an oracle's first draft is always accepted (a draft one position off would pass ~20% of the time).
+  for seed in range(30):
+    r = simulate_tidar(_next_dist, [0, 0], block_size=2, num_tokens=2, paths=50, rng=np.random.default_rng(seed),
+                       context=2)
+    assert (r["steps"], r["accepted"]) == (1, 1), seed
