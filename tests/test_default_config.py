@@ -1,5 +1,5 @@
 """The vendored Shakespeare BPEs (ardiff/data/shakespeare_bpe.py) and the default config (configs/default.py) that
-uses the 4096-id one; the byte-level variant (configs/default_byte.py)."""
+uses the 8192-id one; the byte-level variant (configs/default_byte.py)."""
 
 import hashlib
 
@@ -25,7 +25,7 @@ def test_vendored_bpes_are_intact_and_round_trip(vocab_size):
     shakespeare_bpe.path(2048)
 
 
-def test_default_config_uses_the_vendored_4096_bpe():
+def test_default_config_uses_the_vendored_8192_bpe():
   exp = experiment.validate(default.get_config())  # validation opens the tokenizer and checks vocab and [MASK]
   assert exp.data.tokenizer == shakespeare_bpe.SPEC and (default.BPE_PATH, default.VOCAB_SIZE, default.MASK_ID) == (
       shakespeare_bpe.BPE_PATH, shakespeare_bpe.VOCAB_SIZE, shakespeare_bpe.MASK_ID)
