@@ -247,8 +247,9 @@ def plot_frontier(rows, path):
   fig.savefig(path, dpi=150)
 
 
-def goals(runs, rows) -> list:
-  """The issue's goals against this run's figures (met / not met, with the measured number)."""
+def goals(runs, rows, *, see_also: bool = False) -> list:
+  """The issue's goals against this run's figures (met / not met, with the measured number); ``see_also`` adds a
+  pointer to the kept "What stands in the way" section."""
   import math
   out = ["## Goals (this run)", ""]
   if "bd3_b4" in runs:
@@ -278,6 +279,9 @@ def goals(runs, rows) -> list:
       best = max(exact, key=lambda r: r["tokens_per_forward"])
       out.append(f"- {fam} (exact) tokens/forward >= 2.5: best {best['tokens_per_forward']:.2f} ({best['sampler']}), "
                  f"{'met' if best['tokens_per_forward'] >= 2.5 else 'NOT met'}.")
+  if see_also:
+    out.append("- What stands in the way of the goals not met: the section of that name below (measured by "
+               "benchmarks/tidar_ceiling.py and benchmarks/forward_cost.py).")
   return out + [""]
 
 
@@ -312,11 +316,9 @@ def write_markdown(args, runs, rows, path, plot_name):
                    f"{r['word_share']:.0%} | {r['notes']} |")
     lines.append("")
   kept = kept_sections(path)
-  pointer = ["- What stands in the way of the goals not met: the section of that name below (measured by "
-             "benchmarks/tidar_ceiling.py and benchmarks/forward_cost.py)."]
-  lines += ([f"![quality vs speed]({plot_name})", ""] + goals(runs, rows)[:-1]
-            + (pointer if any(k.startswith("## What stands in the way") for k in kept) else [])
-            + ["", "## Samples (batch 1, first 160 characters)", ""])
+  see_also = any(k.startswith("## What stands in the way") for k in kept)
+  lines += ([f"![quality vs speed]({plot_name})", ""] + goals(runs, rows, see_also=see_also)
+            + ["## Samples (batch 1, first 160 characters)", ""])
   for r in (r for r in rows if r["batch"] == 1):
     lines.append(f"- **{r['sampler']}**: `{r['sample']!r}`")
   lines += kept
