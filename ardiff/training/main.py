@@ -77,6 +77,12 @@ def eval_batches(exp, tok, batch_sh):
   return ds
 
 
+def eval_token_bytes(exp, tok):
+  """Each token id's UTF-8 bytes, for evaluation's bits per byte (None for image runs, whose ids are pixels, and for
+  tokenizers without a per-id byte count)."""
+  return None if exp.image is not None else data_lib.token_byte_lengths(tok)
+
+
 def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_after: Optional[int] = None) -> dict:
   """Trains the experiment ``config`` and returns the final metrics. ``stop_after`` ends the loop early (tests).
 
@@ -112,7 +118,7 @@ def _train(exp, run_dir, cleanup: contextlib.ExitStack, *, progress: bool, stop_
   model = Transformer(exp.model)
   batch_sh = sharding.batch_sharding(mesh)
   train_iter, tok = make_datasets(exp, batch_sh, seed=tcfg.seed)
-  token_bytes = None if exp.image is not None else data_lib.token_byte_lengths(tok)  # eval's bits per byte
+  token_bytes = eval_token_bytes(exp, tok)
   main_process = distributed.is_main()
   say = print if main_process else (lambda *a, **k: None)  # only process 0 talks and writes logs
 
@@ -328,7 +334,7 @@ def evaluate_run(run_dir, *, max_batches: Optional[int] = None, use_ema: bool = 
   put = lambda b: data_lib.to_global_batch(b, batch_sh)
   return evaluate_lib.evaluate(params, eval_batches(exp, tok, batch_sh), model=model, objective=exp.objective,
                                rng=jax.random.key(0), max_batches=max_batches, put_batch=put,
-                               token_bytes=None if exp.image is not None else data_lib.token_byte_lengths(tok))
+                               token_bytes=eval_token_bytes(exp, tok))
 
 
 def _progress(start, total, enabled):
