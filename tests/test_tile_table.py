@@ -95,7 +95,9 @@ def test_every_choice_passes_the_tpu_tiling_check(gen):
   for n in list(range(1, 3000, 97)) + [4096, 8192]:
     for mask in (masks.Causal(), masks.BlockCausal(16)):
       bq, bk = tile_table.tpu_tiles(mask, n, n, 64, generation=gen)
-      _check_block("tpu", "block_q", bq, n)
+      for block in (bq, bk):  # Mosaic: a multiple of 128, or a multiple of 8 covering the whole length
+        assert block > 0 and (block % 128 == 0 or (block >= n and block % 8 == 0)), (gen, mask, n, block)
+      _check_block("tpu", "block_q", bq, n)  # and the kernel's own validation accepts them (it raises otherwise)
       _check_block("tpu", "block_kv", bk, n)
 
 
