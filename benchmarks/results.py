@@ -143,6 +143,17 @@ def sampler_settings(runs: dict) -> list:
   return rows
 
 
+def setting_inputs(loaded: dict, which: str, drafter, options: dict) -> tuple:
+  """``(exp, model, params, draft, block_size, options)`` for :func:`~ardiff.sampling.generate.generate` from the
+  loaded runs (``name -> (exp, model, params)``): a drafter run gives ``draft``, its block size and its token shift."""
+  exp, model, params = loaded[which]
+  if not drafter:
+    return exp, model, params, None, None, options
+  dexp, dmodel, dparams = loaded[drafter]
+  return (exp, model, params, (dparams, dmodel), dexp.objective.block_size,
+          dict(options, draft_token_shift=bool(dexp.objective.token_shift)))
+
+
 def measure(args, runs: dict) -> list:
   import jax
   import jax.numpy as jnp
@@ -175,12 +186,7 @@ def measure(args, runs: dict) -> list:
       if key in done:
         rows.append(done[key])
         continue
-      exp, model, params = loaded[which]
-      draft, block_size = None, None
-      if drafter:
-        dexp, dmodel, dparams = loaded[drafter]
-        draft, block_size = (dparams, dmodel), dexp.objective.block_size
-        options = dict(options, draft_token_shift=bool(dexp.objective.token_shift))
+      exp, model, params, draft, block_size, options = setting_inputs(loaded, which, drafter, options)
       fn = lambda: generate(sampler, params, model, prompt, lens, rng=jax.random.key(0), num_tokens=args.new_tokens,
                             objective=exp.objective, block_size=block_size, draft=draft, temperature=1.0,
                             top_p=0.9, eos_id=None, **options)
@@ -281,7 +287,7 @@ def goals(runs, rows, *, see_also: bool = False) -> list:
                  f"{'met' if best['tokens_per_forward'] >= 2.5 else 'NOT met'}.")
   if see_also:
     out.append("- What stands in the way of the goals not met: the section of that name below (measured by "
-               "benchmarks/tidar_ceiling.py and benchmarks/forward_cost.py).")
+               "benchmarks/tidar_ceiling.py, benchmarks/acceptance_vs_temperature.py and benchmarks/forward_cost.py).")
   return out + [""]
 
 
@@ -327,7 +333,7 @@ def write_markdown(args, runs, rows, path, plot_name):
 
 
 KEPT = ("## Default run", "## Confidence distillation", "## What stands in the way")  # measured by other scripts:
-# default_run.py, distill.py, tidar_ceiling.py and forward_cost.py
+# default_run.py, distill.py, tidar_ceiling.py, acceptance_vs_temperature.py and forward_cost.py
 
 
 def kept_sections(path) -> list:
