@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ardiff import masks as masks_lib
 from ardiff.config import ModelConfig
 from ardiff.model import Transformer
 from ardiff.sampling import common, sample_ar
@@ -76,3 +77,31 @@ def test_bad_decoding_arguments_are_named(sampler, kw, match):
       sample_speculative(None, model, None, model, prompt, lens, rng=jax.random.PRNGKey(0), max_new_tokens=4, **kw)
     else:
       sample_tidar(None, model, prompt, lens, rng=jax.random.PRNGKey(0), max_new_tokens=4, **kw)
+
+
+def test_generate_block_diffusion_gives_exactly_num_tokens():
+  """``generate`` asks the block sampler for whole blocks after each prompt's partial last block (P mod B prompt
+  tokens seed block 0), then cuts: every row gets exactly ``num_tokens`` new tokens whatever P mod B (an earlier
+  ``ceil(n / B)`` blocks gave n - P mod B too few or up to B - 1 too many)."""
+  from ardiff.sampling.generate import generate
+  model = Transformer(CFG)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), mask=masks_lib.Causal())["params"]
+  prompt = np.ones((3, 6), np.int32)
+  for lens in ([1, 4, 5], [6, 2, 3]):
+    for n in (1, 3, 4, 7):
+      res = generate("block_diffusion", params, model, prompt, np.asarray(lens, np.int32), rng=jax.random.PRNGKey(1),
+                     num_tokens=n, block_size=4)
+      assert res.tokens.shape == (3, n), (lens, n, res.tokens.shape)
+      np.testing.assert_array_equal(np.asarray(res.lengths), [n] * 3)
+      assert not np.any(np.asarray(res.tokens) == MASK)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(block_size=0), r"block_size must be an integer >= 1, got 0"),
+                                      (dict(num_tokens=0), r"num_tokens must be an integer >= 1, got 0"),
+                                      (dict(num_tokens=2.5), "num_tokens must be an integer")])
+def test_generate_refuses_bad_sizes(kw, match):
+  from ardiff.sampling.generate import generate
+  kw = dict(dict(num_tokens=4, block_size=4), **kw)
+  with pytest.raises(ValueError, match=match):  # before any tracing: no params needed
+    generate("block_diffusion", None, Transformer(CFG), np.ones((1, 3), np.int32), np.asarray([3]),
+             rng=jax.random.PRNGKey(0), **kw)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import jax.numpy as jnp
 import numpy as np
 
 from ardiff.attention import resolve_impl
@@ -58,11 +59,16 @@ def generate(sampler: str, params, model, prompt, prompt_lengths, *, rng, num_to
       raise ValueError(f"the {sampler} sampler needs a block size: pass block_size= (the run is not a "
                        f"{sampler} run).")
     block_size = objective.block_size
+  if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or num_tokens < 1:
+    raise ValueError(f"num_tokens must be an integer >= 1, got {num_tokens!r}.")
+  if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))
+                                 or block_size < 1):
+    raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}.")
   common = dict(rng=rng, temperature=temperature, top_p=top_p, top_k=top_k, eos_id=eos_id)
   if sampler == "block_diffusion":
     options.setdefault("token_shift", bool(objective is not None and objective.token_shift))
-    return sample_block_diffusion(params, model, prompt, prompt_lengths, block_size=block_size,
-                                  num_blocks=max(1, -(-num_tokens // block_size)), **common, **options)
+    return _block_diffusion_tokens(params, model, prompt, prompt_lengths, num_tokens=int(num_tokens),
+                                   block_size=int(block_size), **common, **options)
   if sampler == "tidar":
     return sample_tidar(params, model, prompt, prompt_lengths, max_new_tokens=num_tokens, block_size=block_size,
                         **common, **options)
@@ -79,6 +85,21 @@ def generate(sampler: str, params, model, prompt, prompt_lengths, *, rng, num_to
     return sample_speculative(params, model, draft[0], draft[1], prompt, prompt_lengths, max_new_tokens=num_tokens,
                               **common, **options)
   return sample_ar(params, model, prompt, prompt_lengths, max_new_tokens=num_tokens, **common, **options)
+
+
+def _block_diffusion_tokens(params, model, prompt, prompt_lengths, *, num_tokens: int, block_size: int, **kwargs):
+  """Block diffusion cut to exactly ``num_tokens`` new tokens per row (fewer only at EOS).
+
+  The sampler works in whole blocks and its first block starts with the prompt's partial last block (``P mod B``
+  known tokens), so a row gets ``num_blocks * B - P mod B`` new tokens: enough blocks for the row with the longest
+  tail are run, and every row is cut at ``num_tokens``.
+  """
+  tails = np.asarray(prompt_lengths) % block_size
+  num_blocks = int(-(-(int(tails.max()) + num_tokens) // block_size))
+  res = sample_block_diffusion(params, model, prompt, prompt_lengths, block_size=block_size, num_blocks=num_blocks,
+                               **kwargs)
+  return res._replace(tokens=res.tokens[:, :num_tokens], lengths=jnp.minimum(res.lengths, num_tokens),
+                      done=res.done & (res.lengths <= num_tokens))  # an EOS past the cut was not emitted
 
 
 def generate_for_experiment(params, model, exp, tok, *, num_samples: int, num_tokens: int, rng,
