@@ -213,7 +213,8 @@ class TrainConfig(_Section):
   batch_size is the global batch of one optimizer update (split into ``optimizer.grad_accum_steps``
   micro-batches); ``num_steps``, ``log_every``, ``eval_every`` and ``save_every`` count optimizer updates.
   ``resume`` continues from the run directory's latest checkpoint; otherwise ``init_from`` (a run or params
-  directory, "" = none) gives the initial parameters.
+  directory, "" = none) gives the initial parameters. ``resume=False`` refuses a run directory that already holds
+  checkpoints (it would replace that run's config and metrics): start fresh runs in a new ``run_dir``.
   """
 
   SECTION = "train"

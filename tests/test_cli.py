@@ -177,3 +177,39 @@ def test_real_command_line_exit_codes_and_no_traceback():
   assert "did you mean 'num_steps'" in p.stderr
   p = _subprocess("compile", "--help")
   assert p.returncode == 0 and "--topology" in p.stdout, p.stderr
+
+
+def _fake_run(run_dir, **model):
+  """A run directory as `ardiff train` leaves it (config.json and a checkpoint step), without training: the
+  start checks read only these."""
+  from ardiff.checkpoints import run_dir as run_dir_lib
+  config = cli_flags.load_config_file(os.path.join(ROOT, "configs", "ar_shakespeare.py"))
+  config.model.update(model)
+  run_dir.mkdir()
+  run_dir_lib.write_config(str(run_dir), config)
+  (run_dir / "checkpoints" / "2").mkdir(parents=True)
+  (run_dir / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+
+
+def test_train_refuses_before_writing_anything(capsys, tmp_path):
+  """A fresh run over a run's checkpoints, a resume with another model, a missing init_from and a run_dir that is a
+  file: each one `error:` naming the setting and the fix, and the run directory untouched."""
+  ar = os.path.join(ROOT, "configs", "ar_shakespeare.py")
+  run = tmp_path / "run"
+  _fake_run(run, num_layers=1)
+  before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+  cases = [(["--config.model.num_layers=1", "--config.train.resume=false"],
+            ["train.run_dir=", "latest step 2", "train.resume=False", "new train.run_dir"]),
+           (["--config.model.num_layers=2"], ["another model", "num_layers: checkpoint 1 vs config 2"])]
+  for extra, needles in cases:
+    rc, _, err = run_cli(capsys, "train", "--config", ar, f"--config.train.run_dir={run}", *extra)
+    assert_usage_error(rc, err, *needles)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+  fresh = tmp_path / "fresh"
+  rc, _, err = run_cli(capsys, "train", "--config", ar, f"--config.train.run_dir={fresh}",
+                       f"--config.train.init_from={tmp_path / 'nowhere'}")
+  assert_usage_error(rc, err, "train.init_from=", "nowhere", "does not exist")
+  assert not fresh.exists()
+  (tmp_path / "afile").write_text("x")
+  rc, _, err = run_cli(capsys, "train", "--config", ar, f"--config.train.run_dir={tmp_path / 'afile'}")
+  assert_usage_error(rc, err, "is a file")

@@ -25,6 +25,7 @@ from ardiff import experiment as experiment_lib
 from ardiff import objectives, sharding
 from ardiff.data import pipeline as pipeline_lib
 from ardiff.checkpoints import checkpointer as checkpoint_lib
+from ardiff.checkpoints import params_dir as params_lib
 from ardiff.checkpoints import run_dir as run_dir_lib
 from ardiff.model import Transformer
 from ardiff.training import clip_search as clip_search_lib
@@ -94,6 +95,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_afte
     from ardiff.images import acdit_train
     return acdit_train.train(exp, progress=progress, stop_after=stop_after)
   run_dir = run_dir_lib.as_path(exp.train.run_dir)  # a local path or a URL (gs://...), never abspath'ed
+  check_start(exp, run_dir)
   if distributed.is_main():  # one writer of the run directory's own files; orbax coordinates checkpoints
     run_dir.mkdir(parents=True, exist_ok=True)
   try:
@@ -106,6 +108,32 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True, stop_afte
                       f"{' '.join(str(e).split())[:200]}); another process of this run most likely died or lost "
                       "its network. Stop every process and run the same command again on all of them: training "
                       "resumes from the last checkpoint.") from e
+
+
+def check_start(exp, run_dir) -> None:
+  """What would make the run fail after writing into ``run_dir``, checked before anything is written: the run
+  directory is a file, a fresh run (``train.resume=False``) over a run's checkpoints, a resumed run whose model no
+  longer fits its checkpoints, a missing ``train.init_from``."""
+  tcfg = exp.train
+  if run_dir.exists() and not run_dir.is_dir():
+    raise ValueError(f"train.run_dir={tcfg.run_dir} is a file, not a directory; pick another train.run_dir.")
+  ckpt_dir = run_dir / run_dir_lib.CHECKPOINTS
+  steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+  if steps and not tcfg.resume:
+    raise ValueError(f"train.run_dir={tcfg.run_dir} holds a run's checkpoints (latest step {steps[-1]}), and "
+                     "train.resume=False would start over on top of them, replacing its config.json and "
+                     "metrics. Pick a new train.run_dir, delete that directory, or drop train.resume=False to "
+                     "continue it.")
+  if steps and (run_dir / run_dir_lib.CONFIG_FILE).exists():
+    try:
+      params_lib.check_compatible(run_dir_lib.read_config(run_dir)[1], exp.model, str(run_dir))
+    except ValueError as e:
+      raise ValueError(f"train.run_dir={tcfg.run_dir} holds checkpoints of another model, so this run cannot "
+                       f"resume there: {e} Pick a new train.run_dir to train this model.") from None
+  if tcfg.init_from and not steps and not run_dir_lib.as_path(tcfg.init_from).exists():
+    raise FileNotFoundError(f"train.init_from={tcfg.init_from} does not exist; pass a run directory (ardiff train or "
+                            "ardiff convert), its checkpoints directory, or a params directory (ardiff export "
+                            "--to params), or set train.init_from='' to train from scratch.")
 
 
 class PeerFailure(RuntimeError):
