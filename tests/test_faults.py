@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from ardiff import cli, experiment, sharding
-from ardiff.model import init_params
+from ardiff.model import Transformer, init_params
 from ardiff.checkpoints import checkpointer as checkpoint_lib
 from ardiff.checkpoints import paths as paths_lib
 from ardiff.checkpoints import run_dir as run_dir_lib
@@ -243,3 +243,21 @@ def test_tensorboard_shows_each_step_once_after_resuming_from_an_earlier_step(tm
   kept = {r["step"]: r["loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "loss" in r}
   assert sorted(kept) == list(range(1, 9))
   np.testing.assert_allclose([v for _, v in shown], [kept[s] for s in range(1, 9)], rtol=1e-6)  # float32 events
+
+
+def test_ema_asked_of_a_run_without_one_is_not_damage(good_run, tmp_path, capsys):
+  """--ema on a run trained without optimizer.ema_decay: one error saying so (not 'the checkpoints are damaged'),
+  nothing moved aside; read from the config, or from orbax's type mismatch where no config.json is beside them."""
+  run_dir = _copy(good_run, tmp_path)
+  ckpts = os.path.join(run_dir, "checkpoints")
+  rc = cli.main(["ardiff", "export", "--run_dir", run_dir, "--to", "params", "--ema", "--out", str(tmp_path / "o")])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.startswith("error: ") and "trained without an EMA" in err and "drop --ema" in err, err
+  assert "damaged" not in err and not os.path.exists(tmp_path / "o")
+  exp = experiment.validate(tiny_config(run_dir, str(tmp_path)))
+  abstract, shardings = sharding.abstract_params_and_shardings(Transformer(exp.model), sharding.make_mesh(exp),
+                                                               exp.rules)
+  os.remove(os.path.join(run_dir, "config.json"))
+  with pytest.raises(checkpoint_lib.MissingItemError, match="holds no EMA parameters"):
+    run_dir_lib.restore_params(ckpts, sharding.with_shardings(abstract, shardings), use_ema=True)
+  assert sorted(os.listdir(ckpts)) == ["1", "2"]
