@@ -9,9 +9,11 @@ the key, the value and the type it needs. Every mistake raises :class:`ardiff.er
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import importlib.util
 import os
+import traceback
 from typing import Any, Callable, Optional
 
 import ml_collections
@@ -140,6 +142,24 @@ def _split_config_arg(spec: str):
                    + (f". Shipped configs: {', '.join(shipped)}." if shipped else "."))
 
 
+@contextlib.contextmanager
+def _config_file_errors(spec: str, path: str):
+  """A config file that does not run is the user's to fix: its error as one UsageError naming the file and line
+  (the traceback stays chained for --debug). ValueErrors (a config's own argument checks) pass through as they are."""
+  try:
+    yield
+  except SyntaxError as e:
+    raise UsageError(f"--config={spec}: {path}, line {e.lineno}: {e.msg}; fix the config file.") from e
+  except (ValueError, UsageError):
+    raise
+  except Exception as e:  # noqa: BLE001 - any error raised by the user's config code
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) ==
+             os.path.abspath(path)]
+    where = f", line {lines[-1]}" if lines else ""
+    raise UsageError(f"--config={spec}: running {path}{where} raised {type(e).__name__}: {e}; fix the config file "
+                     "(--debug shows the traceback).") from e
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """``get_config()`` (or ``get_config(ARG)`` for ``FILE:ARG``) of a config file.
 
@@ -152,11 +172,13 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   if module_spec is None or module_spec.loader is None:
     raise UsageError(f"--config={spec}: {path} is not a Python config file (configs/*.py).")
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  with _config_file_errors(spec, path):
+    module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise UsageError(f"--config={spec}: {path} defines no get_config(); a config file returns its ConfigDict from "
                      "get_config().")
-  config = module.get_config() if arg is None else module.get_config(arg)
+  with _config_file_errors(spec, path):
+    config = module.get_config() if arg is None else module.get_config(arg)
   if not isinstance(config, ml_collections.ConfigDict):
     raise UsageError(f"--config={spec}: get_config() returned {type(config).__name__}, not a ConfigDict.")
   return config

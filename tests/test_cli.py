@@ -213,3 +213,14 @@ def test_train_refuses_before_writing_anything(capsys, tmp_path):
   (tmp_path / "afile").write_text("x")
   rc, _, err = run_cli(capsys, "train", "--config", ar, f"--config.train.run_dir={tmp_path / 'afile'}")
   assert_usage_error(rc, err, "is a file")
+
+
+@pytest.mark.parametrize("source,needles", [
+    ("def get_config(:\n", ["line 1", "invalid syntax"]),
+    ("def get_config():\n  return {}['x']\n", ["line 2", "KeyError", "--debug"]),
+])
+def test_config_file_that_does_not_run_is_one_clear_error(capsys, tmp_path, source, needles):
+  path = tmp_path / "mine.py"
+  path.write_text(source)
+  rc, _, err = run_cli(capsys, "train", "--config", str(path))
+  assert_usage_error(rc, err, str(path), *needles)
