@@ -20,7 +20,7 @@ import os
 import sys
 
 COMMANDS = {
-    "train": ("ardiff.training.main", "train a model (default: byte-level block diffusion on Shakespeare)"),
+    "train": ("ardiff.training.main", "train a model (default: block diffusion, BD3-LM B=4, on Shakespeare)"),
     "eval": ("ardiff.training.evaluate", "evaluate a checkpoint: loss, NELBO/perplexity, bits per byte"),
     "sample": ("ardiff.sampling.main", "generate text from a checkpoint"),
     "compile": ("ardiff.training.aot", "AOT-compile the sharded train step for a TPU topology"),

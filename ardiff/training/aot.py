@@ -2,7 +2,8 @@
 that is not there (real TPU compiler via libtpu, on any CPU machine) and check it fits in each chip's HBM.
 
 So a pod job is known to compile and fit before anyone pays for it. Needs ``pip install "jax[tpu]==0.10.2"``
-(libtpu; installs on a CPU-only machine; part of requirements-dev.txt).
+(libtpu; installs on a CPU-only machine; part of requirements-dev.txt). ``--from_hf MODEL`` compiles an imported
+Hugging Face checkpoint's sampler instead (``python -m ardiff compile --from_hf X --help`` lists its flags).
 """
 
 from __future__ import annotations
