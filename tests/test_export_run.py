@@ -242,6 +242,11 @@ def test_corrupt_params_dir_errors(tmp_path, run):
   save_file(tensors, f)
   with pytest.raises(ValueError, match=r"'norm/weight' has shape \(7,\), the model config needs \(32,\)"):
     train_main.load_run(out)
+  for size in (100, os.path.getsize(f) // 2):  # a cut header, then cut tensor data
+    save_file(dict(tensors, **{"norm/weight": np.ones(32, np.float32)}), f)
+    os.truncate(f, size)
+    with pytest.raises(ValueError, match="params.safetensors is damaged .*export the run again"):
+      train_main.load_run(out)
   os.remove(f)
   with pytest.raises(FileNotFoundError, match="params.safetensors not found"):
     train_main.load_run(out)

@@ -207,9 +207,18 @@ def _local_file(path) -> Iterator[str]:
 
 
 def _read_safetensors(file: str, abstract, shardings) -> dict:
-  from safetensors import safe_open
+  from safetensors import SafetensorError
   if not os.path.isfile(file):
     raise FileNotFoundError(f"{file} not found: the params directory is incomplete.")
+  try:
+    return _read_safetensors_file(file, abstract, shardings)
+  except SafetensorError as e:  # a truncated or overwritten file: its header or data no longer parse
+    raise ValueError(f"{file} is damaged ({e}); export the run again (ardiff export --to params) or restore a "
+                     "copy of the file.") from e
+
+
+def _read_safetensors_file(file: str, abstract, shardings) -> dict:
+  from safetensors import safe_open
   want = _flatten(abstract)
   sh_flat = _flatten(shardings) if shardings is not None else None
   out = {}
