@@ -150,6 +150,7 @@ def test_bad_records_are_counted_or_strict_errors(tmp_path, capsys):
                  str(tmp_path / "strict"), "--strict", "--no_progress"])
   err = capsys.readouterr().err
   assert rc == 2 and err.startswith(f"error: {root / 'a.jsonl'}:2: bad record: invalid_json"), err
+  assert not (tmp_path / "strict").exists()
 
 
 def test_empty_and_missing_inputs_are_clear_errors(tmp_path, capsys):
@@ -160,6 +161,11 @@ def test_empty_and_missing_inputs_are_clear_errors(tmp_path, capsys):
   (tmp_path / "e2.txt").write_bytes(b"  \n\n")
   with pytest.raises(ValueError, match=r"no usable document in 2 records .*empty: 2"):
     prep.prepare(prep.PrepareOptions(str(tmp_path / "e*.txt"), "txt", str(tmp_path / "o")), progress=False)
+  assert not (tmp_path / "o").exists()  # a failed preparation leaves nothing that would block the corrected command
+  (tmp_path / "e3.txt").write_bytes(b"a line\n")
+  s = prep.prepare(prep.PrepareOptions(str(tmp_path / "e3.txt"), "txt", str(tmp_path / "o"),
+                                       split=("validation", 0.0)), progress=False)
+  assert s["documents"]["train"] == 1
   (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
   pq.write_table(pa.table({"body": ["ok"]}), tmp_path / "p.parquet")
   s = prep.prepare(prep.PrepareOptions(f"{tmp_path}/bad.parquet,{tmp_path}/p.parquet", "parquet", str(tmp_path / "p"),

@@ -191,8 +191,22 @@ def prepare(opts: PrepareOptions, *, progress: bool = True) -> dict:
   state = state or _fresh_state(fingerprint, splits)
   if resumed:
     print(f"Resuming: {len(state['units'])} units ({state['records']:,} records) were already written.")
-  _stream(opts, inputs, units, state, frac, progress)
-  return _finish(opts, out, work, units, state, name, splits)
+  created = [d for d in {str(out): out, str(work): work}.values() if not d.exists()]
+  try:
+    _stream(opts, inputs, units, state, frac, progress)
+    return _finish(opts, out, work, units, state, name, splits)
+  except ValueError:
+    # The inputs themselves are wrong (no usable document, a bad record under --strict, a missing field): a rerun of
+    # this command would fail the same way, so a preparation it started is removed rather than left to block the
+    # corrected command. Interruptions (kill, Ctrl-C) keep it, to resume.
+    if not resumed:
+      units.close()
+      if units.dir.exists():
+        units.dir.rmtree()
+      for d in created:
+        if d.exists() and not any(d.iterdir()):
+          d.rmdir()
+    raise
 
 
 def serialize(data: bytes) -> bytes:
