@@ -157,6 +157,10 @@ def test_empty_and_missing_inputs_are_clear_errors(tmp_path, capsys):
   rc = cli.main(["ardiff", "data", "prepare", "--input", str(tmp_path / "nothing*.txt"), "--format", "txt",
                  "--out", str(tmp_path / "o"), "--no_progress"])
   assert rc == 2 and "matches no file" in capsys.readouterr().err
+  (tmp_path / "f.txt").write_text("a line\n")
+  rc = cli.main(["ardiff", "data", "prepare", "--input", str(tmp_path / "f.txt"), "--format", "txt", "--out",
+                 str(tmp_path / "f.txt"), "--no_progress"])
+  assert rc == 2 and "is a file; choose a directory path" in capsys.readouterr().err
   (tmp_path / "e1.txt").write_bytes(b"")
   (tmp_path / "e2.txt").write_bytes(b"  \n\n")
   with pytest.raises(ValueError, match=r"no usable document in 2 records .*empty: 2"):

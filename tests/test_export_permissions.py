@@ -66,3 +66,14 @@ def test_hf_export_and_overwrite_are_world_readable(tmp_path, tiny, umask):
     modes = _modes(out)
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(modes)
     assert modes == _expected(out, 0o644, 0o755), {k: oct(v) for k, v in modes.items()}
+
+
+def test_output_that_cannot_be_created_is_one_clear_error(tmp_path, tiny):
+  """An --out under a file (or any path that cannot be made) names the path and the fix; nothing is left behind."""
+  from ardiff.checkpoints import staging
+  (tmp_path / "afile").write_text("x")
+  before = sorted(os.listdir(tmp_path))
+  with pytest.raises(PermissionError, match=r"cannot create the output directory .*afile/sub/out .*choose an --out"):
+    with staging.staged_output(str(tmp_path / "afile" / "sub" / "out")):
+      pass
+  assert sorted(os.listdir(tmp_path)) == before

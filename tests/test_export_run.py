@@ -284,3 +284,8 @@ def test_stablehlo_hook_passes_the_run_and_flags(tmp_path, run, monkeypatch):
             "--prompt_len", "8", "--platforms", "cpu,tpu", "--ema"])
   assert calls == [(run[0], dict(use_ema=True, max_len=64, prompt_len=8, platforms=("cpu", "tpu")))]
   assert os.listdir(out) == ["serving.json"]
+  for max_len, prompt_len in ((0, 4), (8, 0), (8, 16)):
+    rc = cli.main(["ardiff", "export", "--run_dir", run[0], "--to", "stablehlo", "--out", str(tmp_path / "t"),
+                   "--max_len", str(max_len), "--prompt_len", str(prompt_len)])
+    assert rc == 2 and not os.path.exists(tmp_path / "t")
+  assert len(calls) == 1

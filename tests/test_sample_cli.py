@@ -117,3 +117,26 @@ def test_non_utf8_prompt_and_truncate_prompt(tidar_run, capsys):
   assert "note: --truncate_prompt=10: the prompt has 59 tokens; kept BOS and its last 9." in err, err
   assert out.startswith("aROM\ufffd\ufffdEO."), out  # printed with replacement characters
   assert "warm-up" not in err and "compilation included" in out
+
+
+def test_sampler_and_drafter_kinds_are_checked(tidar_run, tmp_path, capsys):
+  """A block-diffusion run is no speculative drafter (one clear error); decoding a run with a sampler of another
+  family works but says so on stderr."""
+  import json
+  import shutil
+  bd_run = str(tmp_path / "bd")
+  shutil.copytree(tidar_run, bd_run)  # the same weights, recorded as a block-diffusion run
+  cfg_path = os.path.join(bd_run, "config.json")
+  cfg = json.load(open(cfg_path))
+  cfg["objective"]["kind"] = "block_diffusion"
+  json.dump(cfg, open(cfg_path, "w"))
+  with pytest.raises(ValueError, match="is a block_diffusion run; speculative decoding drafts with a causal LM"):
+    sample_main.main(["ardiff sample", "--checkpoint", tidar_run, "--sampler", "speculative", "--draft_checkpoint",
+                      bd_run])
+  capsys.readouterr()
+  assert sample_main.main(["ardiff sample", "--checkpoint", bd_run, "--sampler", "ar", "--num_tokens", "4",
+                           "--no-warmup"]) == 0
+  assert "is a block_diffusion run, not trained for --sampler ar's mask" in capsys.readouterr().err
+  assert sample_main.main(["ardiff sample", "--checkpoint", tidar_run, "--sampler", "ar", "--num_tokens", "4",
+                           "--no-warmup"]) == 0
+  assert "note:" not in capsys.readouterr().err

@@ -73,6 +73,15 @@ def check_output_dir(out_dir, *, overwrite: bool = False) -> str:
   return out_dir
 
 
+def _ancestors(path: str) -> list:
+  """``path`` and its parents, nearest first."""
+  out = []
+  while path and path not in out:
+    out.append(path)
+    path = os.path.dirname(path)
+  return out
+
+
 @contextlib.contextmanager
 def staged_output(out_dir, *, overwrite: bool = False) -> Iterator[str]:
   """Yields a temporary directory; when the block succeeds it becomes ``out_dir`` (replacing the old one).
@@ -87,8 +96,17 @@ def staged_output(out_dir, *, overwrite: bool = False) -> Iterator[str]:
       yield tmp
     return
   parent, name = os.path.split(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+  missing = [d for d in _ancestors(parent) if not os.path.isdir(d)]
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+  except OSError as e:
+    for d in reversed(missing):  # the parents this call created: nothing is left behind
+      if os.path.isdir(d) and not os.listdir(d):
+        os.rmdir(d)
+    kind = FileNotFoundError if isinstance(e, FileNotFoundError) else PermissionError  # the CLI's expected errors
+    raise kind(f"cannot create the output directory {out_dir} ({e.strerror}: {e.filename}); choose an --out in a "
+               "directory you can write to.") from None
   try:
     yield tmp
   except BaseException:

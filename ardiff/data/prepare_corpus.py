@@ -148,6 +148,8 @@ def _work_dir(out: str) -> epath.Path:
 def _check_out(out: epath.Path, work: epath.Path, fingerprint: dict, overwrite: bool) -> dict | None:
   """The finished summary when ``out`` already holds this very preparation; errors for foreign contents."""
   summary = out / SUMMARY_FILE
+  if out.exists() and not out.is_dir():
+    raise FileExistsError(f"--out {out} is a file; choose a directory path (new or empty) for the dataset.")
   if (out / "dataset_info.json").exists() and not overwrite:
     if summary.exists() and json.loads(summary.read_text()).get("fingerprint") == fingerprint:
       return json.loads(summary.read_text())

@@ -116,6 +116,9 @@ def main(argv) -> int:
   else:
     if args.max_len is None or args.prompt_len is None:
       p.error("--to stablehlo needs --max_len and --prompt_len.")
+    if not 1 <= args.prompt_len <= args.max_len:
+      p.error(f"--to stablehlo needs 1 <= --prompt_len <= --max_len, got --prompt_len={args.prompt_len} "
+              f"--max_len={args.max_len}.")
     out = export_run_to_stablehlo(args.run_dir, args.out, max_len=args.max_len, prompt_len=args.prompt_len,
                                   platforms=tuple(x for x in args.platforms.split(",") if x), **common)
   print(f"Wrote {out}")

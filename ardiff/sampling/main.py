@@ -150,6 +150,11 @@ def main(argv) -> int:
   family_defaults.fill(args, decoding)
   tok = data_lib.make_tokenizer(exp.data.tokenizer)
   sampler = default_sampler(exp.objective, model) if args.sampler == "auto" else args.sampler
+  trained_for = {"ar": ("ar", "speculative", "diffuspec"), "tidar": ("tidar", "ar", "speculative", "diffuspec", "block_diffusion"),
+                 "block_diffusion": ("block_diffusion",)}.get(exp.objective.kind, ())
+  if sampler not in trained_for:
+    print(f"note: {args.run_dir} is a {exp.objective.kind} run, not trained for --sampler {sampler}'s mask; its "
+          "samples may be poor (--sampler auto picks the run's own).", file=sys.stderr)
   context = exp.data.seq_len
   options, draft, block_size = {}, None, args.block_size
   if sampler == "block_diffusion":
@@ -162,6 +167,10 @@ def main(argv) -> int:
     if not args.draft_checkpoint:
       raise UsageError("--sampler speculative needs --draft_checkpoint DIR (a small AR run with the same vocab).")
     draft_exp, draft_model, draft_params = load_run(args.draft_checkpoint)
+    if draft_exp.objective.kind == "block_diffusion":
+      raise UsageError(f"--draft_checkpoint {args.draft_checkpoint} is a block_diffusion run; speculative decoding "
+                       "drafts with a causal LM (an AR or TiDAR run of the same vocabulary). A block-diffusion "
+                       "drafter is --sampler diffuspec.")
     draft, options = (draft_params, draft_model), dict(num_draft=args.num_draft)
     context = min(context, draft_exp.data.seq_len)
   elif sampler == "diffuspec":
