@@ -12,9 +12,13 @@ Directories are ``etils.epath`` paths: local paths and URLs (``gs://...``) alike
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import sys
+import tempfile
+import time
 import warnings
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
@@ -86,6 +90,56 @@ def quarantine(directory, step: int, reason: str) -> Optional[epath.Path]:
   return dst
 
 
+# The pieces of the traceback that each late tensorstore completion prints (threads interleave them mid-line).
+_LOOP_CLOSED_PIECES = re.compile(
+    r"Traceback \(most recent call last\):|File \"[^\"]*asyncio[/\\]base_events\.py\", line \d+, in "
+    r"(?:call_soon_threadsafe|_check_closed)|self\._check_closed\(\)|raise RuntimeError\('Event loop is closed'\)|"
+    r"RuntimeError: Event loop is closed")
+
+
+def _settle(quiet_s: float = 0.5, max_s: float = 10.0) -> None:
+  """Waits (on a damaged step only) until nothing more is written to stderr for ``quiet_s``, at most ``max_s``."""
+  start = last_change = time.monotonic()
+  size = os.fstat(2).st_size
+  while time.monotonic() - last_change < quiet_s and time.monotonic() - start < max_s:
+    time.sleep(0.05)
+    now = os.fstat(2).st_size
+    if now != size:
+      size, last_change = now, time.monotonic()
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """Drops what a failed orbax read prints to stderr about its closed event loop.
+
+  When one read of a damaged step fails, orbax's event loop closes while tensorstore still completes the step's
+  other reads, and each completion prints a "RuntimeError: Event loop is closed" traceback straight to file
+  descriptor 2 (not through sys.excepthook). The step is handled (moved aside, one warning), so these are noise.
+  Everything else written to stderr meanwhile is passed on.
+  """
+  sys.stderr.flush()
+  try:
+    saved = os.dup(2)
+  except OSError:  # no stderr to quiet
+    yield
+    return
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      text = capture.read().decode("utf-8", "replace")
+      if "Event loop is closed" in text:
+        text = "".join(line for line in _LOOP_CLOSED_PIECES.sub("", text).splitlines(keepends=True) if line.strip())
+      if text:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
 def restore_latest(directory, steps: List[int], restore_one: Callable[[int], T]) -> Tuple[int, T]:
   """``(step, restore_one(step))`` for the newest of ``steps`` that restores.
 
@@ -103,7 +157,12 @@ def restore_latest(directory, steps: List[int], restore_one: Callable[[int], T])
       _set_aside(directory, s, problem)
       continue
     try:
-      out = restore_one(s)
+      with _quiet_failed_reads():
+        try:
+          out = restore_one(s)
+        except Exception:
+          _settle()  # the failed step's other reads finish (and print) inside the quiet window
+          raise
     except MissingItemError:
       raise
     except Exception as e:  # noqa: BLE001 - any failure (orbax, tensorstore, json, shapes) may be damage
