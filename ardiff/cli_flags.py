@@ -145,12 +145,13 @@ def _split_config_arg(spec: str):
 @contextlib.contextmanager
 def _config_file_errors(spec: str, path: str):
   """A config file that does not run is the user's to fix: its error as one UsageError naming the file and line
-  (the traceback stays chained for --debug). ValueErrors (a config's own argument checks) pass through as they are."""
+  (the traceback stays chained for --debug). ValueError and OSError (a config's own checks, e.g. a missing
+  directory it reads) pass through as they are."""
   try:
     yield
   except SyntaxError as e:
-    raise UsageError(f"--config={spec}: {path}, line {e.lineno}: {e.msg}; fix the config file.") from e
-  except (ValueError, UsageError):
+    raise UsageError(f"--config={spec}: {e.filename or path}, line {e.lineno}: {e.msg}; fix the config file.") from e
+  except (ValueError, OSError, UsageError):  # the config's own checks (e.g. a missing from=DIR): already clear
     raise
   except Exception as e:  # noqa: BLE001 - any error raised by the user's config code
     lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) ==

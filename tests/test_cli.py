@@ -224,3 +224,18 @@ def test_config_file_that_does_not_run_is_one_clear_error(capsys, tmp_path, sour
   path.write_text(source)
   rc, _, err = run_cli(capsys, "train", "--config", str(path))
   assert_usage_error(rc, err, str(path), *needles)
+
+
+def test_start_checks_let_a_resume_with_a_damaged_config_json_through(tmp_path):
+  """A run whose config.json is damaged still resumes (the trainer restores the checkpoint and rewrites the file):
+  the start checks skip the model comparison rather than call it another model."""
+  from ardiff import experiment
+  from ardiff.checkpoints import run_dir as run_dir_lib
+  from ardiff.training import main as train_main
+  run = tmp_path / "run"
+  _fake_run(run, num_layers=1)
+  (run / "config.json").write_text("{ half a file")
+  config = cli_flags.load_config_file(os.path.join(ROOT, "configs", "ar_shakespeare.py"))
+  config.model.num_layers = 1
+  config.train.run_dir = str(run)
+  train_main.check_start(experiment.validate(config), run_dir_lib.as_path(str(run)))  # no error

@@ -68,12 +68,20 @@ def test_hf_export_and_overwrite_are_world_readable(tmp_path, tiny, umask):
     assert modes == _expected(out, 0o644, 0o755), {k: oct(v) for k, v in modes.items()}
 
 
-def test_output_that_cannot_be_created_is_one_clear_error(tmp_path, tiny):
+def test_output_that_cannot_be_created_is_one_clear_error(tmp_path, tiny, monkeypatch):
   """An --out under a file (or any path that cannot be made) names the path and the fix; nothing is left behind."""
   from ardiff.checkpoints import staging
   (tmp_path / "afile").write_text("x")
   before = sorted(os.listdir(tmp_path))
-  with pytest.raises(PermissionError, match=r"cannot create the output directory .*afile/sub/out .*choose an --out"):
+  with pytest.raises(NotADirectoryError, match=r"cannot create the output directory .*afile/sub/out .*choose an --out"):
     with staging.staged_output(str(tmp_path / "afile" / "sub" / "out")):
+      pass
+  assert sorted(os.listdir(tmp_path)) == before
+  # parents made before a later failure are removed again, deepest first
+  def refuse(*a, **k):
+    raise PermissionError(13, "Permission denied", str(tmp_path / "new1" / "new2"))
+  monkeypatch.setattr(staging.tempfile, "mkdtemp", refuse)
+  with pytest.raises(PermissionError, match="cannot create the output directory .*Permission denied"):
+    with staging.staged_output(str(tmp_path / "new1" / "new2" / "out")):
       pass
   assert sorted(os.listdir(tmp_path)) == before

@@ -96,6 +96,23 @@ def test_generate_block_diffusion_gives_exactly_num_tokens():
       assert not np.any(np.asarray(res.tokens) == MASK)
 
 
+def test_generate_cut_leaves_an_eos_after_the_cut_unemitted(monkeypatch):
+  """The cut at ``num_tokens``: a row whose EOS lies beyond it was not done; one whose EOS lies before keeps its
+  length and done flag. (The block sampler's own EOS handling is tested with the sampler.)"""
+  from ardiff.sampling import generate as generate_lib
+  from ardiff.sampling.block_diffusion import BlockDiffusionResult
+  def fake(params, model, prompt, prompt_lengths, *, block_size, num_blocks, **kw):
+    tokens = jnp.asarray([[7, 7, 7, 7, 2, 0, 0, 0], [7, 2, 0, 0, 0, 0, 0, 0]])  # EOS = 2 at index 4 / 1
+    return BlockDiffusionResult(tokens, tokens, jnp.asarray([5, 2]), jnp.asarray([True, True]), jnp.int32(3),
+                                jnp.zeros((2, num_blocks), jnp.int32), None)
+  monkeypatch.setattr(generate_lib, "sample_block_diffusion", fake)
+  res = generate_lib.generate("block_diffusion", None, Transformer(CFG), np.ones((2, 4), np.int32),
+                              np.asarray([4, 4]), rng=jax.random.PRNGKey(0), num_tokens=3, block_size=4, eos_id=2)
+  np.testing.assert_array_equal(np.asarray(res.tokens), [[7, 7, 7], [7, 2, 0]])
+  np.testing.assert_array_equal(np.asarray(res.lengths), [3, 2])
+  np.testing.assert_array_equal(np.asarray(res.done), [False, True])
+
+
 @pytest.mark.parametrize("kw,match", [(dict(block_size=0), r"block_size must be an integer >= 1, got 0"),
                                       (dict(num_tokens=0), r"num_tokens must be an integer >= 1, got 0"),
                                       (dict(num_tokens=2.5), "num_tokens must be an integer")])

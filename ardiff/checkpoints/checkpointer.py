@@ -12,12 +12,11 @@ Directories are ``etils.epath`` paths: local paths and URLs (``gs://...``) alike
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
 import sys
-import tempfile
+import threading
 import time
 import warnings
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
@@ -95,49 +94,82 @@ _LOOP_CLOSED_PIECES = re.compile(
     r"Traceback \(most recent call last\):|File \"[^\"]*asyncio[/\\]base_events\.py\", line \d+, in "
     r"(?:call_soon_threadsafe|_check_closed)|self\._check_closed\(\)|raise RuntimeError\('Event loop is closed'\)|"
     r"RuntimeError: Event loop is closed")
+# Python prints the last line in parts ("RuntimeError", ": ", the message, "\n"), which other threads can split.
+_LOOP_CLOSED_ATOMS = re.compile(r"(?:\s|RuntimeError|:|Event loop is closed)*")
 
 
-def _settle(quiet_s: float = 0.5, max_s: float = 10.0) -> None:
-  """Waits (on a damaged step only) until nothing more is written to stderr for ``quiet_s``, at most ``max_s``."""
-  start = last_change = time.monotonic()
-  size = os.fstat(2).st_size
-  while time.monotonic() - last_change < quiet_s and time.monotonic() - start < max_s:
-    time.sleep(0.05)
-    now = os.fstat(2).st_size
-    if now != size:
-      size, last_change = now, time.monotonic()
-
-
-@contextlib.contextmanager
-def _quiet_failed_reads():
-  """Drops what a failed orbax read prints to stderr about its closed event loop.
+class _LoopNoiseFilter:
+  """While active, file descriptor 2 goes through a pipe whose lines are passed on at once, minus the pieces of the
+  "RuntimeError: Event loop is closed" tracebacks that orbax/tensorstore print there for a damaged step.
 
   When one read of a damaged step fails, orbax's event loop closes while tensorstore still completes the step's
-  other reads, and each completion prints a "RuntimeError: Event loop is closed" traceback straight to file
-  descriptor 2 (not through sys.excepthook). The step is handled (moved aside, one warning), so these are noise.
-  Everything else written to stderr meanwhile is passed on.
+  other reads, and each completion prints that traceback straight to fd 2 (not through sys.excepthook); the step is
+  handled (moved aside, one warning), so they are noise. Threads interleave the pieces mid-line, so pieces are
+  removed wherever they are and lines left blank are dropped; every other byte reaches stderr as it is written.
   """
-  sys.stderr.flush()
-  try:
-    saved = os.dup(2)
-  except OSError:  # no stderr to quiet
-    yield
-    return
-  with tempfile.TemporaryFile() as capture:
-    os.dup2(capture.fileno(), 2)
+
+  def __init__(self):
+    self.saved = None
+    self.last_write = time.monotonic()
+
+  def __enter__(self):
     try:
-      yield
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      capture.seek(0)
-      text = capture.read().decode("utf-8", "replace")
-      if "Event loop is closed" in text:
-        text = "".join(line for line in _LOOP_CLOSED_PIECES.sub("", text).splitlines(keepends=True) if line.strip())
-      if text:
-        sys.stderr.write(text)
+      if sys.stderr is not None:
         sys.stderr.flush()
+      saved = os.dup(2)
+      read_end, write_end = os.pipe()
+    except (OSError, ValueError):
+      return self  # no stderr to filter: a no-op
+    self.saved = saved
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    self.thread = threading.Thread(target=self._pump, args=(read_end,), daemon=True)
+    self.thread.start()
+    return self
+
+  def _pump(self, read_end: int) -> None:
+    pending = b""
+    while True:
+      chunk = os.read(read_end, 65536)
+      if not chunk:
+        break
+      self.last_write = time.monotonic()
+      pending += chunk
+      *lines, pending = pending.split(b"\n")
+      for line in lines:
+        self._emit(line + b"\n")
+    if pending:
+      self._emit(pending)
+    os.close(read_end)
+
+  def _emit(self, data: bytes) -> None:
+    text = data.decode("utf-8", "replace")
+    cleaned = _LOOP_CLOSED_PIECES.sub("", text)
+    if cleaned != text or "Event loop is closed" in text or "RuntimeError" in text:
+      if _LOOP_CLOSED_ATOMS.fullmatch(cleaned):  # what is left is whitespace or the message's own parts
+        return
+      data = cleaned.encode()
+    try:
+      os.write(self.saved, data)
+    except OSError:  # stderr closed under us (the filter timed out and ended): nothing to write to
+      pass
+
+  def settle(self, quiet_s: float = 0.5, max_s: float = 10.0) -> None:
+    """Waits until nothing was written for ``quiet_s`` (at most ``max_s``): a failed step's other reads finish."""
+    start = time.monotonic()
+    self.last_write = max(self.last_write, start)
+    while time.monotonic() - self.last_write < quiet_s and time.monotonic() - start < max_s:
+      time.sleep(0.05)
+
+  def __exit__(self, *exc):
+    if self.saved is None:
+      return False
+    if sys.stderr is not None:
+      sys.stderr.flush()
+    os.dup2(self.saved, 2)  # the pipe's last write end closes: the pump drains it and stops
+    self.thread.join(timeout=5)
+    os.close(self.saved)
+    return False
 
 
 def restore_latest(directory, steps: List[int], restore_one: Callable[[int], T]) -> Tuple[int, T]:
@@ -157,11 +189,11 @@ def restore_latest(directory, steps: List[int], restore_one: Callable[[int], T])
       _set_aside(directory, s, problem)
       continue
     try:
-      with _quiet_failed_reads():
+      with _LoopNoiseFilter() as noise:
         try:
           out = restore_one(s)
         except Exception:
-          _settle()  # the failed step's other reads finish (and print) inside the quiet window
+          noise.settle()  # the step's other reads finish, and print, while the filter is on
           raise
     except MissingItemError:
       raise

@@ -83,12 +83,6 @@ def restore_params(ckpt_dir, target, *, use_ema: bool = False):
   if not ckpt_dir.is_dir():
     raise FileNotFoundError(f"no checkpoint directory at {ckpt_dir}; pass a run directory written by `ardiff train`.")
   key = "ema_params" if use_ema else "params"
-  if use_ema and (ckpt_dir.parent / CONFIG_FILE).exists():
-    decay = read_config(ckpt_dir.parent)[0].get("optimizer", {}).get("ema_decay", 0.0)
-    if not decay:
-      raise MissingItemError(f"{ckpt_dir.parent} was trained without an EMA (optimizer.ema_decay={decay}), so its "
-                             "checkpoints hold no EMA parameters: drop --ema (use_ema), or train with "
-                             "--config.optimizer.ema_decay=0.999 to keep one.")
   item = {key: target}
   mngr = ocp.CheckpointManager(ckpt_dir, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   try:
@@ -99,7 +93,8 @@ def restore_params(ckpt_dir, target, *, use_ema: bool = False):
       except TypeError as e:  # a run saved without EMA stores ema_params=None: orbax's "Type mismatch" there
         if use_ema and "ema_params" in str(e):
           raise MissingItemError(f"checkpoint {ckpt_dir}/{step} holds no EMA parameters (the run was trained "
-                                 "without optimizer.ema_decay); drop --ema (use_ema).") from None
+                                 "without optimizer.ema_decay): drop --ema (use_ema), or train with "
+                                 "--config.optimizer.ema_decay=0.999 to keep one.") from None
         raise
       if out.state.get(key) is None:
         raise MissingItemError(f"checkpoint {ckpt_dir}/{step} has no {key!r} (was the run trained with an EMA?).")

@@ -101,10 +101,11 @@ def staged_output(out_dir, *, overwrite: bool = False) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
   except OSError as e:
-    for d in reversed(missing):  # the parents this call created: nothing is left behind
+    for d in missing:  # the parents this call created, deepest first: nothing is left behind
       if os.path.isdir(d) and not os.listdir(d):
         os.rmdir(d)
-    kind = FileNotFoundError if isinstance(e, FileNotFoundError) else PermissionError  # the CLI's expected errors
+    # as an error type the CLI reports in one line (strerror says what really happened: full disk, read-only...)
+    kind = type(e) if isinstance(e, (FileNotFoundError, NotADirectoryError)) else PermissionError
     raise kind(f"cannot create the output directory {out_dir} ({e.strerror}: {e.filename}); choose an --out in a "
                "directory you can write to.") from None
   try:

@@ -198,10 +198,11 @@ def prepare(opts: PrepareOptions, *, progress: bool = True) -> dict:
     _stream(opts, inputs, units, state, frac, progress)
     return _finish(opts, out, work, units, state, name, splits)
   except ValueError:
-    # The inputs themselves are wrong (no usable document, a bad record under --strict, a missing field): a rerun of
-    # this command would fail the same way, so a preparation it started is removed rather than left to block the
-    # corrected command. Interruptions (kill, Ctrl-C) keep it, to resume.
-    if not resumed:
+    # The inputs are wrong before any document was kept (wrong --format or --field, nothing usable, a bad record
+    # under --strict first thing): the preparation holds nothing worth resuming and would only block the corrected
+    # command, so it is removed. One that kept documents stays resumable (fix the record, rerun), as do
+    # interruptions (kill, Ctrl-C).
+    if sum(state["documents"].values()) == 0:
       units.close()
       if units.dir.exists():
         units.dir.rmtree()

@@ -152,7 +152,7 @@ def main(argv) -> int:
   sampler = default_sampler(exp.objective, model) if args.sampler == "auto" else args.sampler
   trained_for = {"ar": ("ar", "speculative", "diffuspec"), "tidar": ("tidar", "ar", "speculative", "diffuspec", "block_diffusion"),
                  "block_diffusion": ("block_diffusion",)}.get(exp.objective.kind, ())
-  if sampler not in trained_for:
+  if sampler not in trained_for and jax.process_index() == 0:
     print(f"note: {args.run_dir} is a {exp.objective.kind} run, not trained for --sampler {sampler}'s mask; its "
           "samples may be poor (--sampler auto picks the run's own).", file=sys.stderr)
   context = exp.data.seq_len

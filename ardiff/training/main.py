@@ -124,9 +124,15 @@ def check_start(exp, run_dir) -> None:
                      "train.resume=False would start over on top of them, replacing its config.json and "
                      "metrics. Pick a new train.run_dir, delete that directory, or drop train.resume=False to "
                      "continue it.")
+  stored = None
   if steps and (run_dir / run_dir_lib.CONFIG_FILE).exists():
     try:
-      params_lib.check_compatible(run_dir_lib.read_config(run_dir)[1], exp.model, str(run_dir))
+      stored = run_dir_lib.read_config(run_dir)[1]
+    except ValueError:  # a damaged config.json: the resume restores from the checkpoint and rewrites it
+      pass
+  if stored is not None:
+    try:
+      params_lib.check_compatible(stored, exp.model, str(run_dir))
     except ValueError as e:
       raise ValueError(f"train.run_dir={tcfg.run_dir} holds checkpoints of another model, so this run cannot "
                        f"resume there: {e} Pick a new train.run_dir to train this model.") from None
