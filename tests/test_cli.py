@@ -238,4 +238,5 @@ def test_start_checks_let_a_resume_with_a_damaged_config_json_through(tmp_path):
   config = cli_flags.load_config_file(os.path.join(ROOT, "configs", "ar_shakespeare.py"))
   config.model.num_layers = 1
   config.train.run_dir = str(run)
-  train_main.check_start(experiment.validate(config), run_dir_lib.as_path(str(run)))  # no error
+  assert train_main.check_start(experiment.validate(config), run_dir_lib.as_path(str(run))) is None  # no error
+  assert (run / "config.json").read_text() == "{ half a file"  # and nothing written: the trainer rewrites it

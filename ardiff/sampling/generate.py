@@ -59,11 +59,9 @@ def generate(sampler: str, params, model, prompt, prompt_lengths, *, rng, num_to
       raise ValueError(f"the {sampler} sampler needs a block size: pass block_size= (the run is not a "
                        f"{sampler} run).")
     block_size = objective.block_size
-  if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or num_tokens < 1:
-    raise ValueError(f"num_tokens must be an integer >= 1, got {num_tokens!r}.")
-  if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))
-                                 or block_size < 1):
-    raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}.")
+  _check_positive_int("num_tokens", num_tokens)
+  if block_size is not None:
+    _check_positive_int("block_size", block_size)
   common = dict(rng=rng, temperature=temperature, top_p=top_p, top_k=top_k, eos_id=eos_id)
   if sampler == "block_diffusion":
     options.setdefault("token_shift", bool(objective is not None and objective.token_shift))
@@ -85,6 +83,11 @@ def generate(sampler: str, params, model, prompt, prompt_lengths, *, rng, num_to
     return sample_speculative(params, model, draft[0], draft[1], prompt, prompt_lengths, max_new_tokens=num_tokens,
                               **common, **options)
   return sample_ar(params, model, prompt, prompt_lengths, max_new_tokens=num_tokens, **common, **options)
+
+
+def _check_positive_int(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
 
 
 def _block_diffusion_tokens(params, model, prompt, prompt_lengths, *, num_tokens: int, block_size: int, **kwargs):

@@ -150,7 +150,8 @@ def main(argv) -> int:
   family_defaults.fill(args, decoding)
   tok = data_lib.make_tokenizer(exp.data.tokenizer)
   sampler = default_sampler(exp.objective, model) if args.sampler == "auto" else args.sampler
-  trained_for = {"ar": ("ar", "speculative", "diffuspec"), "tidar": ("tidar", "ar", "speculative", "diffuspec", "block_diffusion"),
+  trained_for = {"ar": ("ar", "speculative", "diffuspec"),
+                 "tidar": ("tidar", "ar", "speculative", "diffuspec", "block_diffusion"),
                  "block_diffusion": ("block_diffusion",)}.get(exp.objective.kind, ())
   if sampler not in trained_for and jax.process_index() == 0:
     print(f"note: {args.run_dir} is a {exp.objective.kind} run, not trained for --sampler {sampler}'s mask; its "
